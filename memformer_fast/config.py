@@ -1,0 +1,97 @@
+"""Model configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ARCHITECTURES = ("encoder-decoder", "decoder")
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class MemformerConfig:
+    """Hyper-parameters of a :class:`~memformer_fast.Memformer`.
+
+    The defaults are the paper's WikiText-103 model. ``bias_init_norm`` and ``gate_bias_init`` are
+    part of the contract (SPEC 3.3): a large memory bias wipes the slots every segment and the
+    memory never learns long-range recall.
+    """
+
+    vocab_size: int
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 4
+    n_decoder_layers: int = 8
+    n_memory_slots: int = 32
+    segment_length: int = 64
+    write_temperature: float = 0.5
+    memory_gate: bool = True
+    dropout: float = 0.0
+    architecture: str = "encoder-decoder"
+    backend: str = "auto"
+    memory_dtype: torch.dtype = torch.float32
+    bos_token_id: int = 0
+    rope_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    bias_init_norm: float = 0.1
+    gate_bias_init: float = -2.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_memory_slots", "segment_length")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemformerConfig.{name} must be a positive int, got {value!r}")
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"MemformerConfig.{name} must be an int >= 0, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"MemformerConfig.d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                "MemformerConfig: the head dimension d_model / n_heads must be even for rotary "
+                f"embeddings, got {self.d_model // self.n_heads}"
+            )
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"MemformerConfig.architecture must be one of {ARCHITECTURES}, "
+                f"got {self.architecture!r}"
+            )
+        if self.architecture == "encoder-decoder" and self.n_encoder_layers < 1:
+            raise ValueError("MemformerConfig.n_encoder_layers must be >= 1 for 'encoder-decoder'")
+        if self.n_decoder_layers < 1:
+            raise ValueError(
+                f"MemformerConfig.n_decoder_layers must be >= 1, got {self.n_decoder_layers}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MemformerConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MemformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.write_temperature > 0:
+            raise ValueError(
+                f"MemformerConfig.write_temperature must be > 0, got {self.write_temperature!r}"
+            )
+        if not (isinstance(self.memory_dtype, torch.dtype) and self.memory_dtype.is_floating_point):
+            raise ValueError(
+                f"MemformerConfig.memory_dtype must be a floating torch.dtype, got {self.memory_dtype!r}"
+            )
+        if not 0 <= self.bos_token_id < self.vocab_size:
+            raise ValueError(
+                f"MemformerConfig.bos_token_id must be in [0, vocab_size={self.vocab_size}), "
+                f"got {self.bos_token_id}"
+            )
+        for name in ("rope_base", "layer_norm_eps", "bias_init_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MemformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

@@ -1,0 +1,225 @@
+"""Public functional API of the three fused operations (SPEC section 2).
+
+Each function validates its arguments (a bad argument raises a ``TypeError`` or ``ValueError``
+naming it, what was expected and what was given), picks a backend and calls it:
+
+- ``"reference"``: :mod:`memformer_fast.reference`, pure PyTorch, any device and dtype;
+- ``"triton"``: the fused kernels through the custom ops of :mod:`memformer_fast.ops`, on CUDA
+  tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` is set;
+- ``"auto"``: Triton for CUDA tensors, the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import BACKENDS
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REFERENCE_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+
+
+def triton_available() -> bool:
+    """Whether the Triton package can be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into ``"reference"`` or ``"triton"`` for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.6'")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                f"got tensors on {device}"
+            )
+    return backend
+
+
+def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str) -> None:
+    """Every argument is a floating tensor of one dtype, on one device."""
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    first_name, first = names[0], tensors[0]
+    assert isinstance(first, Tensor)
+    allowed = _REFERENCE_DTYPES if backend == "reference" else _KERNEL_DTYPES
+    if first.dtype not in allowed:
+        raise TypeError(
+            f"{first_name} must have a dtype in {[str(d) for d in allowed]} for backend "
+            f"{backend!r}, got {first.dtype}"
+        )
+    for name, t in zip(names[1:], tensors[1:]):
+        assert isinstance(t, Tensor)
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} must be on the device of {first_name} ({first.device}), got {t.device}"
+            )
+
+
+def _check_shape(name: str, t: Tensor, expected: Sequence[int | None], meaning: str) -> None:
+    """``t.shape`` matches ``expected`` (``None`` = any size) or a ValueError names ``name``."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want} ({meaning}), got {list(t.shape)}")
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _default_scale(scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else _check_positive("scale", scale)
+
+
+def _ops():  # imported lazily: Triton and the kernels load only when used
+    from . import ops
+
+    return ops
+
+
+def memory_read_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """Tokens attend over all memory slots: ``softmax(scale * q k^T) v`` per head, no mask.
+
+    Args:
+        q: ``[B, L, H, Dh]`` token queries.
+        k, v: ``[B, S, H, Dh]`` slot keys and values.
+        scale: logit scale, ``Dh ** -0.5`` by default.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``[B, L, H, Dh]`` in the dtype of ``q``.
+    """
+    _check_tensors(("q", "k", "v"), (q, k, v), "reference")
+    _check_shape("q", q, (None, None, None, None), "[B, L, H, Dh]")
+    B, _, H, Dh = q.shape
+    _check_shape("k", k, (B, None, H, Dh), "[B, S, H, Dh] matching q")
+    _check_shape("v", v, tuple(k.shape), "the shape of k")
+    backend = resolve_backend(backend, q.device)
+    _check_tensors(("q", "k", "v"), (q, k, v), backend)
+    scale = _default_scale(scale, Dh)
+    if backend == "reference":
+        return reference.memory_read_attention(q, k, v, scale)
+    return _ops().memory_read_attention(q, k, v, scale)
+
+
+def memory_write_attention(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    token_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Each memory slot attends over itself and the segment's tokens (never over other slots).
+
+    Args:
+        q, k_self, v_self: ``[B, S, H, Dh]`` per-slot query, key and value (the "self" entry).
+        k, v: ``[B, L, H, Dh]`` token keys and values.
+        token_mask: ``[B, L]`` bool, True for a real token; padded tokens are never written.
+        temperature: divides the logits (> 0); below 1 sharpens the write.
+        scale: logit scale, ``Dh ** -0.5`` by default.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``[B, S, H, Dh]``; a slot that sees no real token gets ``v_self`` exactly.
+    """
+    names = ("q", "k_self", "v_self", "k", "v")
+    _check_tensors(names, (q, k_self, v_self, k, v), "reference")
+    _check_shape("q", q, (None, None, None, None), "[B, S, H, Dh]")
+    B, S, H, Dh = q.shape
+    _check_shape("k_self", k_self, (B, S, H, Dh), "the shape of q")
+    _check_shape("v_self", v_self, (B, S, H, Dh), "the shape of q")
+    _check_shape("k", k, (B, None, H, Dh), "[B, L, H, Dh] matching q")
+    _check_shape("v", v, tuple(k.shape), "the shape of k")
+    if token_mask is not None:
+        if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+            got = token_mask.dtype if isinstance(token_mask, Tensor) else type(token_mask).__name__
+            raise TypeError(f"token_mask must be a bool tensor (True = real token), got {got}")
+        _check_shape("token_mask", token_mask, (B, k.shape[1]), "[B, L]")
+        if token_mask.device != q.device:
+            raise ValueError(f"token_mask must be on {q.device}, got {token_mask.device}")
+    temperature = _check_positive("temperature", temperature)
+    backend = resolve_backend(backend, q.device)
+    _check_tensors(names, (q, k_self, v_self, k, v), backend)
+    scale = _default_scale(scale, Dh)
+    if backend == "reference":
+        return reference.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    return _ops().memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+
+
+def gated_memory_update(
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """Gated memory update with biased memory normalisation (BMN).
+
+    ``g = sigmoid(gate_logits)`` (1 when None), ``u = g * candidate + (1 - g) * memory + bias``,
+    ``new = u / max(||u||_2, eps)`` over the last axis.
+
+    Args:
+        memory, candidate: ``[B, S, D]`` current slots and the written candidate.
+        bias: ``[S, D]`` learned memory bias.
+        gate_logits: ``[B, S, D]`` or None for the paper's pure BMN.
+        eps: lower bound of the norm (> 0).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``[B, S, D]`` unit-norm slots in the dtype of ``memory``.
+    """
+    names = ["memory", "candidate", "bias"]
+    tensors: list[object] = [memory, candidate, bias]
+    if gate_logits is not None:
+        names.append("gate_logits")
+        tensors.append(gate_logits)
+    _check_tensors(names, tensors, "reference")
+    _check_shape("memory", memory, (None, None, None), "[B, S, D]")
+    B, S, D = memory.shape
+    _check_shape("candidate", candidate, (B, S, D), "the shape of memory")
+    _check_shape("bias", bias, (S, D), "[S, D] matching memory")
+    if gate_logits is not None:
+        _check_shape("gate_logits", gate_logits, (B, S, D), "the shape of memory")
+    eps = _check_positive("eps", eps)
+    backend = resolve_backend(backend, memory.device)
+    _check_tensors(names, tensors, backend)
+    if backend == "reference":
+        return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
+    return _ops().gated_memory_update(memory, candidate, bias, gate_logits, eps)

@@ -1,0 +1,74 @@
+"""The three Memformer operations in plain PyTorch: the executable specification (SPEC section 2).
+
+Every other implementation (the Triton kernels, the custom ops) is tested against these. They take
+``[batch, length, heads, head_dim]`` tensors, accumulate in float32 (float64 stays float64) and
+return the dtype of their inputs. No argument checking happens here: see ``functional``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Tokens attend over every memory slot (no mask).
+
+    q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> o: [B, L, H, Dh]
+    """
+    ct = _compute_dtype(q.dtype)
+    logits = torch.einsum("blhd,bshd->bhls", q.to(ct), k.to(ct)) * scale
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhls,bshd->blhd", probs, v.to(ct)).to(q.dtype)
+
+
+def memory_write_attention(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> Tensor:
+    """Each slot attends over itself and the segment's tokens, never over other slots.
+
+    q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] bool (True = real)
+    -> o: [B, S, H, Dh]. A slot that sees no real token returns ``v_self`` exactly.
+    """
+    out_dtype = q.dtype
+    ct = _compute_dtype(out_dtype)
+    q, k_self, v_self, k, v = (t.to(ct) for t in (q, k_self, v_self, k, v))
+    logit_scale = scale / temperature
+    logits_self = (q * k_self).sum(-1, keepdim=True) * logit_scale  # [B, S, H, 1]
+    logits_tok = torch.einsum("bshd,blhd->bshl", q, k) * logit_scale  # [B, S, H, L]
+    if token_mask is not None:
+        logits_tok = logits_tok.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+    # The self logit is always finite, so the softmax never sees a row of -inf only.
+    probs = torch.softmax(torch.cat([logits_self, logits_tok], dim=-1), dim=-1)
+    o = probs[..., :1] * v_self + torch.einsum("bshl,blhd->bshd", probs[..., 1:], v)
+    return o.to(out_dtype)
+
+
+def gated_memory_update(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
+    """Gated update followed by biased memory normalisation (BMN).
+
+    memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]
+    ``u = g * candidate + (1 - g) * memory + bias``, ``new = u / max(||u||_2, eps)`` over D.
+    """
+    ct = _compute_dtype(memory.dtype)
+    m, c, b = memory.to(ct), candidate.to(ct), bias.to(ct)
+    if gate_logits is None:
+        u = c + b
+    else:
+        g = torch.sigmoid(gate_logits.to(ct))
+        u = g * c + (1 - g) * m + b
+    norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
+    return (u / norm).to(memory.dtype)
