@@ -72,7 +72,9 @@ class MemformerConfig:
                 f"MemformerConfig.n_decoder_layers must be >= 1, got {self.n_decoder_layers}"
             )
         if self.backend not in BACKENDS:
-            raise ValueError(f"MemformerConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise ValueError(
+                f"MemformerConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MemformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.write_temperature > 0:
@@ -81,7 +83,8 @@ class MemformerConfig:
             )
         if not (isinstance(self.memory_dtype, torch.dtype) and self.memory_dtype.is_floating_point):
             raise ValueError(
-                f"MemformerConfig.memory_dtype must be a floating torch.dtype, got {self.memory_dtype!r}"
+                "MemformerConfig.memory_dtype must be a floating torch.dtype, "
+                f"got {self.memory_dtype!r}"
             )
         if not 0 <= self.bos_token_id < self.vocab_size:
             raise ValueError(

@@ -47,7 +47,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.6'")
+            raise RuntimeError(
+                "backend='triton' needs the triton package: pip install 'triton>=3.6'"
+            )
         if device.type != "cuda" and not interpreter_enabled():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
@@ -72,7 +74,9 @@ def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str
     for name, t in zip(names[1:], tensors[1:]):
         assert isinstance(t, Tensor)
         if t.dtype != first.dtype:
-            raise TypeError(f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}")
+            raise TypeError(
+                f"{name} must have the dtype of {first_name} ({first.dtype}), got {t.dtype}"
+            )
         if t.device != first.device:
             raise ValueError(
                 f"{name} must be on the device of {first_name} ({first.device}), got {t.device}"
@@ -177,7 +181,9 @@ def memory_write_attention(
     _check_tensors(names, (q, k_self, v_self, k, v), backend)
     scale = _default_scale(scale, Dh)
     if backend == "reference":
-        return reference.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+        return reference.memory_write_attention(
+            q, k_self, v_self, k, v, token_mask, temperature, scale
+        )
     return _ops().memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
 
 

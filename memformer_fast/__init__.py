@@ -1,0 +1,21 @@
+"""memformer_fast: Memformer with fused Triton kernels and Memory Replay Back-Propagation."""
+
+from . import functional, mrbp
+from .config import MemformerConfig
+from .layers import MemoryReader, MemoryWriter
+from .model import Memformer, MemformerOutput
+from .replay import ReplayBuffer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Memformer",
+    "MemformerConfig",
+    "MemformerOutput",
+    "MemoryReader",
+    "MemoryWriter",
+    "ReplayBuffer",
+    "__version__",
+    "functional",
+    "mrbp",
+]

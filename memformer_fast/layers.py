@@ -1,0 +1,293 @@
+"""Memformer's building blocks as drop-in ``nn.Module``s (SPEC 3.2 and 3.3).
+
+Every block is pre-LayerNorm with a residual around each sublayer. Hidden states are
+``[B, L, D]``; the memory is ``[B, S, D]``. The memory reader and writer are public layers a user
+can put into a model of their own; their attention runs through :mod:`memformer_fast.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional
+
+
+def _split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """``[B, L, D]`` -> ``[B, L, H, Dh]`` as a view (the flash-attention layout)."""
+    return x.unflatten(-1, (n_heads, -1))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x: [B, L, H, Dh]`` with ``cos, sin: [L, 1, Dh / 2]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention_mask_2d(
+    key_mask: Tensor | None, length: int, causal: bool, device: torch.device
+) -> Tensor | None:
+    """Boolean SDPA mask ``[B | 1, 1, L, L]`` (True = may attend) from a ``[B, L]`` key mask.
+
+    A query always sees itself, so a padded query never meets a row of -inf (no NaN) while real
+    queries never see padded keys.
+    """
+    if key_mask is None and not causal:
+        return None
+    allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril()
+    if key_mask is not None:
+        eye = torch.eye(length, dtype=torch.bool, device=device)
+        allowed = allowed & (key_mask[:, None, None, :] | eye)
+    return allowed
+
+
+class RotarySelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions within the segment.
+
+    Attention projections carry no bias: a key bias only shifts every logit of a row equally, so
+    softmax ignores it and its gradient is rounding noise.
+
+    ``forward(x: [B, L, D], mask: [B | 1, 1, L, L] bool or None) -> [B, L, D]``
+    """
+
+    def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        head_dim = d_model // n_heads
+        inv_freq = rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        angles = (
+            torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[:, None] * self.inv_freq
+        )
+        cos, sin = angles.cos()[:, None, :].to(q.dtype), angles.sin()[:, None, :].to(q.dtype)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+        )
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention (encoder-decoder architecture).
+
+    ``forward(x: [B, Lq, D], context: [B, Lk, D], context_mask: [B, Lk] bool or None)``
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        q = _split_heads(self.q(x), self.n_heads).transpose(1, 2)
+        k, v = (
+            _split_heads(t, self.n_heads).transpose(1, 2) for t in self.kv(context).chunk(2, -1)
+        )
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        if mask is not None:  # a batch row with no real context token attends to all of it
+            mask = mask | ~context_mask.any(-1)[:, None, None, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Sequential):
+    """``Linear(D, d_ff) -> GELU -> Linear(d_ff, D)``."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+
+class MemoryReader(nn.Module):
+    """Tokens read the memory: ``Wo . memory_read_attention(LN(h) Wq, LN_m(M) Wk, LN_m(M) Wv)``.
+
+    ``forward(h: [B, L, D], memory: [B, S, D]) -> [B, L, D]``, the update to add to ``h``.
+    The memory may be kept in another dtype (float32) than ``h``; keys and values follow ``h``.
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, backend: str = "auto", eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.backend = n_heads, backend
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.memory_norm = nn.LayerNorm(d_model, eps=eps)
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, h: Tensor, memory: Tensor) -> Tensor:
+        q = _split_heads(self.q(self.norm(h)), self.n_heads)
+        k, v = (
+            _split_heads(t, self.n_heads) for t in self.kv(self.memory_norm(memory)).chunk(2, -1)
+        )
+        o = functional.memory_read_attention(q, k.to(q.dtype), v.to(q.dtype), backend=self.backend)
+        return self.out(o.flatten(2))
+
+
+class MemoryWriter(nn.Module):
+    """Writes a segment into the memory (SPEC 3.3) and owns the memory's initial state.
+
+    Each slot attends over itself (key from its normalised slot, value the raw slot) and the
+    segment's tokens; the result is gated against the old slot, the bias is added and every slot is
+    renormalised (BMN). ``forward(memory: [B, S, D], x: [B, L, D], token_mask: [B, L] bool or None)
+    -> [B, S, D]`` in the memory's dtype. A batch row whose segment is all padding keeps its memory.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_slots: int,
+        temperature: float = 0.5,
+        gate: bool = True,
+        backend: str = "auto",
+        eps: float = 1e-5,
+        bias_init_norm: float = 0.1,
+        gate_bias_init: float = -2.0,
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.temperature, self.backend = n_heads, temperature, backend
+        self.memory_norm = nn.LayerNorm(d_model, eps=eps)
+        self.token_norm = nn.LayerNorm(d_model, eps=eps)
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, d_model, bias=False)  # shared by slots and tokens
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(2 * d_model, d_model) if gate else None
+        self.bias = nn.Parameter(torch.empty(n_slots, d_model))
+        self.bias_init_norm, self.gate_bias_init = bias_init_norm, gate_bias_init
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """Small-norm memory bias and a closed-leaning gate: the defaults that let memory learn."""
+        with torch.no_grad():
+            nn.init.normal_(self.bias)
+            self.bias.mul_(self.bias_init_norm / self.bias.norm(dim=-1, keepdim=True))
+            if self.gate is not None:
+                nn.init.constant_(self.gate.bias, self.gate_bias_init)
+
+    def initial_memory(self, batch_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``M_0 = bias / ||bias||`` per slot, ``[batch_size, S, D]`` (differentiable in bias)."""
+        m0 = F.normalize(self.bias.to(dtype), dim=-1)
+        return m0.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def forward(self, memory: Tensor, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        m = self.memory_norm(memory)
+        q = _split_heads(self.q(m), self.n_heads)
+        k_self = _split_heads(self.k(m), self.n_heads)
+        tokens = self.token_norm(x)
+        k = _split_heads(self.k(tokens), self.n_heads)
+        v = _split_heads(self.v(tokens), self.n_heads)
+        dtype = q.dtype
+        written = (
+            functional.memory_write_attention(
+                q,
+                k_self.to(dtype),
+                _split_heads(memory, self.n_heads).to(dtype),
+                k.to(dtype),
+                v.to(dtype),
+                token_mask=token_mask,
+                temperature=self.temperature,
+                backend=self.backend,
+            )
+            .flatten(2)
+            .to(memory.dtype)
+        )
+        gate_logits = None
+        if self.gate is not None:
+            gate_logits = self.gate(torch.cat([memory, written], dim=-1)).to(memory.dtype)
+        new = functional.gated_memory_update(
+            memory, written, self.bias.to(memory.dtype), gate_logits, backend=self.backend
+        )
+        if token_mask is not None:  # padding-only rows (ends of ragged batches) change nothing
+            new = torch.where(token_mask.any(-1)[:, None, None], new, memory)
+        return new
+
+
+class MemoryBlock(nn.Module):
+    """Self-attention, memory reader, feed-forward (each pre-LN with residual).
+
+    Bidirectional in the encoder; causal in the decoder-only architecture (SPEC 3.4).
+
+    ``forward(h: [B, L, D], memory: [B, S, D], mask) -> [B, L, D]``; ``mask`` from
+    :func:`attention_mask_2d`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        backend: str,
+        causal: bool,
+        eps: float = 1e-5,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.causal = causal
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.attn = RotarySelfAttention(d_model, n_heads, rope_base)
+        self.reader = MemoryReader(d_model, n_heads, backend, eps)
+        self.ff_norm = nn.LayerNorm(d_model, eps=eps)
+        self.ff = FeedForward(d_model, d_ff)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, memory: Tensor, mask: Tensor | None) -> Tensor:
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask, is_causal=self.causal))
+        h = h + self.dropout(self.reader(h, memory))
+        return h + self.dropout(self.ff(self.ff_norm(h)))
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the encoder output, feed-forward.
+
+    ``forward(h: [B, L, D], context: [B, Lc, D], mask, context_mask: [B, Lc] or None)``
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        eps: float = 1e-5,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.attn = RotarySelfAttention(d_model, n_heads, rope_base)
+        self.cross_norm = nn.LayerNorm(d_model, eps=eps)
+        self.cross = CrossAttention(d_model, n_heads)
+        self.ff_norm = nn.LayerNorm(d_model, eps=eps)
+        self.ff = FeedForward(d_model, d_ff)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, h: Tensor, context: Tensor, mask: Tensor | None, context_mask: Tensor | None
+    ) -> Tensor:
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask, is_causal=True))
+        h = h + self.dropout(self.cross(self.cross_norm(h), context, context_mask))
+        return h + self.dropout(self.ff(self.ff_norm(h)))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-style initialisation of linear and embedding weights (biases zero)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
