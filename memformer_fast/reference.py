@@ -7,14 +7,32 @@ return the dtype of their inputs. No argument checking happens here: see ``funct
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+def _float32_accumulation(fn: F) -> F:
+    """Run ``fn`` with autocast off, so its matmuls really accumulate in float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@_float32_accumulation
 def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Tokens attend over every memory slot (no mask).
 
@@ -26,6 +44,7 @@ def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tens
     return torch.einsum("bhls,bshd->blhd", probs, v.to(ct)).to(q.dtype)
 
 
+@_float32_accumulation
 def memory_write_attention(
     q: Tensor,
     k_self: Tensor,
@@ -55,6 +74,7 @@ def memory_write_attention(
     return o.to(out_dtype)
 
 
+@_float32_accumulation
 def gated_memory_update(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
