@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (set up + the main job) and `make test` (set up + tests).
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# The CPU build of torch (a pinned version; an unpinned torch pulls CUDA packages) and the triton
+# release the GPU machines run, so CI checks the compiler that runs there.
+TORCH ?= torch==2.13.0
+TRITON ?= triton==3.6.0
+
+.PHONY: install demo test lint bench
+
+install:
+	$(PIP) install -q "$(TORCH)" "$(TRITON)" ninja "setuptools>=64" wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,demo]"
+
+demo: install
+	memformer-fast demo
+
+lint:
+	ruff check .
+	ruff format --check .
+	mypy
+
+test: install lint
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m pytest benchmarks/ --benchmark-only
