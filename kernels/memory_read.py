@@ -1,0 +1,477 @@
+"""Memory read: ``L`` token queries attend over ``S`` memory slots, per head, with no mask.
+
+``o[b, n, h] = softmax_j(scale * q[b, n, h] . k[b, j, h]) @ v[b, :, h]``
+
+Forward: one program per (block of ``BLOCK_L`` queries, batch * head) streams the slots in tiles of
+``BLOCK_S`` with an online softmax and saves the log-sum-exp of every query row.
+
+Backward (no ``L x S`` matrix ever reaches global memory):
+
+- ``memory_read_bwd_dq_kernel``: per block of queries, loops over the slots; writes ``dq`` and
+  ``delta = rowsum(do * o)``, the softmax-backward term the dk/dv kernel reuses.
+- ``memory_read_bwd_dkdv_kernel``: per block of slots, loops over the queries and accumulates
+  ``dk``/``dv`` in registers, deterministically. When there are too few slot blocks to fill the GPU
+  (``S`` is typically 16-256), the query axis is split across programs into float32 partials that
+  are summed in a fixed order afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import dot_tile, is_interpreter, kernel_dtype_args, split_reduction
+
+
+@triton.jit
+def memory_read_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    H,
+    L,
+    S,
+    Dh,
+    scale,
+    BLOCK_L: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """q, o: [B, L, H, Dh]; k, v: [B, S, H, Dh]; lse: [B, H, L] (ACC_DTYPE). Grid: (cdiv(L, BLOCK_L), B * H)."""
+    i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_d = tl.arange(0, BLOCK_D)
+    m_l, m_d = o_l < L, o_d < Dh
+
+    p_q = (
+        q + i_b * stride_qb + i_h * stride_qh + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd
+    )
+    b_q = tl.load(p_q, mask=m_l[:, None] & m_d[None, :], other=0.0)
+    b_m = tl.full([BLOCK_L], float("-inf"), dtype=ACC_DTYPE)
+    b_acc = tl.zeros([BLOCK_L], dtype=ACC_DTYPE)
+    b_o = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
+    for i_s in range(0, S, BLOCK_S):
+        o_s = i_s + tl.arange(0, BLOCK_S)
+        m_s = o_s < S
+        m_kv = m_d[:, None] & m_s[None, :]
+        # k is loaded transposed ([BLOCK_D, BLOCK_S]) so the logits are a plain q @ kT.
+        p_kT = (
+            k
+            + i_b * stride_kb
+            + i_h * stride_kh
+            + o_d[:, None] * stride_kd
+            + o_s[None, :] * stride_ks
+        )
+        b_kT = tl.load(p_kT, mask=m_kv, other=0.0)
+        b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+        b_s = tl.where(m_s[None, :], b_s, float("-inf"))
+        # Every tile holds at least one real slot, so b_m_new is finite from the first tile on.
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp(b_s - b_m_new[:, None])
+        b_r = tl.exp(b_m - b_m_new)
+        b_acc = b_acc * b_r + tl.sum(b_p, 1)
+        p_v = (
+            v
+            + i_b * stride_vb
+            + i_h * stride_vh
+            + o_s[:, None] * stride_vs
+            + o_d[None, :] * stride_vd
+        )
+        b_v = tl.load(p_v, mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_o = b_o * b_r[:, None]
+        b_o = tl.dot(
+            b_p.to(b_v.dtype), b_v, b_o, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+        )
+        b_m = b_m_new
+    b_o = b_o / b_acc[:, None]
+
+    p_o = (
+        o + i_b * stride_ob + i_h * stride_oh + o_l[:, None] * stride_ol + o_d[None, :] * stride_od
+    )
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_l[:, None] & m_d[None, :])
+    tl.store(lse + i_bh * L + o_l, b_m + tl.log(b_acc), mask=m_l)
+
+
+@triton.jit
+def memory_read_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    o,
+    do,
+    lse,
+    delta,
+    dq,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_od,
+    stride_dob,
+    stride_dol,
+    stride_doh,
+    stride_dod,
+    stride_dqb,
+    stride_dql,
+    stride_dqh,
+    stride_dqd,
+    H,
+    L,
+    S,
+    Dh,
+    scale,
+    BLOCK_L: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq: [B, L, H, Dh]; writes delta = rowsum(do * o): [B, H, L]. Grid: (cdiv(L, BLOCK_L), B * H)."""
+    i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    o_d = tl.arange(0, BLOCK_D)
+    m_l, m_d = o_l < L, o_d < Dh
+    m_ld = m_l[:, None] & m_d[None, :]
+
+    p_q = (
+        q + i_b * stride_qb + i_h * stride_qh + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd
+    )
+    p_o = (
+        o + i_b * stride_ob + i_h * stride_oh + o_l[:, None] * stride_ol + o_d[None, :] * stride_od
+    )
+    p_do = (
+        do
+        + i_b * stride_dob
+        + i_h * stride_doh
+        + o_l[:, None] * stride_dol
+        + o_d[None, :] * stride_dod
+    )
+    b_q = tl.load(p_q, mask=m_ld, other=0.0)
+    b_do = tl.load(p_do, mask=m_ld, other=0.0)
+    b_o = tl.load(p_o, mask=m_ld, other=0.0)
+    b_lse = tl.load(lse + i_bh * L + o_l, mask=m_l, other=0.0)
+    b_delta = tl.sum(b_do.to(ACC_DTYPE) * b_o.to(ACC_DTYPE), 1)
+    tl.store(delta + i_bh * L + o_l, b_delta, mask=m_l)
+
+    b_dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
+    for i_s in range(0, S, BLOCK_S):
+        o_s = i_s + tl.arange(0, BLOCK_S)
+        m_s = o_s < S
+        m_kvT = m_d[:, None] & m_s[None, :]
+        p_kT = (
+            k
+            + i_b * stride_kb
+            + i_h * stride_kh
+            + o_d[:, None] * stride_kd
+            + o_s[None, :] * stride_ks
+        )
+        p_vT = (
+            v
+            + i_b * stride_vb
+            + i_h * stride_vh
+            + o_d[:, None] * stride_vd
+            + o_s[None, :] * stride_vs
+        )
+        b_kT = tl.load(p_kT, mask=m_kvT, other=0.0)
+        b_vT = tl.load(p_vT, mask=m_kvT, other=0.0)
+        b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+        b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = tl.dot(
+            b_ds.to(b_kT.dtype),
+            tl.trans(b_kT),
+            b_dq,
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+
+    p_dq = (
+        dq
+        + i_b * stride_dqb
+        + i_h * stride_dqh
+        + o_l[:, None] * stride_dql
+        + o_d[None, :] * stride_dqd
+    )
+    tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_ld)
+
+
+@triton.jit
+def memory_read_bwd_dkdv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_dob,
+    stride_dol,
+    stride_doh,
+    stride_dod,
+    stride_dkn,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dkd,
+    stride_dvn,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_dvd,
+    H,
+    L,
+    S,
+    Dh,
+    chunk,
+    scale,
+    BLOCK_L: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk, dv: [num_splits, B, S, H, Dh] partial sums over query chunks of length ``chunk``.
+
+    Grid: (cdiv(S, BLOCK_S), B * H, num_splits).
+    """
+    i_s, i_bh, i_n = (
+        tl.program_id(0).to(tl.int64),
+        tl.program_id(1).to(tl.int64),
+        tl.program_id(2).to(tl.int64),
+    )
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    m_s, m_d = o_s < S, o_d < Dh
+    m_sd = m_s[:, None] & m_d[None, :]
+
+    p_k = (
+        k + i_b * stride_kb + i_h * stride_kh + o_s[:, None] * stride_ks + o_d[None, :] * stride_kd
+    )
+    p_v = (
+        v + i_b * stride_vb + i_h * stride_vh + o_s[:, None] * stride_vs + o_d[None, :] * stride_vd
+    )
+    b_k = tl.load(p_k, mask=m_sd, other=0.0)
+    b_v = tl.load(p_v, mask=m_sd, other=0.0)
+    b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
+    b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
+    l_start = i_n * chunk
+    l_end = tl.minimum(l_start + chunk, L)
+    for i_l in range(l_start, l_end, BLOCK_L):
+        o_l = i_l + tl.arange(0, BLOCK_L)
+        m_l = o_l < l_end
+        m_dl = m_d[:, None] & m_l[None, :]
+        p_qT = (
+            q
+            + i_b * stride_qb
+            + i_h * stride_qh
+            + o_d[:, None] * stride_qd
+            + o_l[None, :] * stride_ql
+        )
+        p_do = (
+            do
+            + i_b * stride_dob
+            + i_h * stride_doh
+            + o_l[:, None] * stride_dol
+            + o_d[None, :] * stride_dod
+        )
+        b_qT = tl.load(p_qT, mask=m_dl, other=0.0)
+        b_do = tl.load(p_do, mask=m_l[:, None] & m_d[None, :], other=0.0)
+        b_lse = tl.load(lse + i_bh * L + o_l, mask=m_l, other=0.0)
+        b_delta = tl.load(delta + i_bh * L + o_l, mask=m_l, other=0.0)
+        # Transposed probabilities [BLOCK_S, BLOCK_L]: slots are rows here.
+        b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+        b_pT = tl.where(m_l[None, :], tl.exp(b_sT - b_lse[None, :]), 0.0)
+        b_dv = tl.dot(
+            b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+        )
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        b_dsT = b_pT * (b_dpT - b_delta[None, :])
+        b_dk = tl.dot(
+            b_dsT.to(b_qT.dtype),
+            tl.trans(b_qT),
+            b_dk,
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+
+    p_dk = (
+        dk
+        + i_n * stride_dkn
+        + i_b * stride_dkb
+        + i_h * stride_dkh
+        + o_s[:, None] * stride_dks
+        + o_d[None, :] * stride_dkd
+    )
+    p_dv = (
+        dv
+        + i_n * stride_dvn
+        + i_b * stride_dvb
+        + i_h * stride_dvh
+        + o_s[:, None] * stride_dvs
+        + o_d[None, :] * stride_dvd
+    )
+    tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_sd)
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_sd)
+
+
+def memory_read_config(kernel: str, dtype: torch.dtype, S: int, Dh: int) -> dict[str, int]:
+    """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv").
+
+    The slot tile follows ``S`` (16, 32 or 64) because Memformer's memories are small; the query
+    tile shrinks with the head dimension and for 4-byte inputs to bound registers and shared memory.
+    """
+    BLOCK_D = dot_tile(Dh)
+    if Dh > 256:
+        raise ValueError(f"memory_read_attention kernels support head_dim <= 256, got {Dh}")
+    if is_interpreter():
+        # Small tiles so tiny test shapes still cross tile borders.
+        return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
+    wide = dtype.itemsize > 2 or BLOCK_D > 64
+    BLOCK_S = min(64 if BLOCK_D <= 128 else 32, dot_tile(S))
+    if kernel == "fwd":
+        BLOCK_L = 64 if wide and BLOCK_D >= 128 else 128
+        num_warps = 8 if BLOCK_D >= 128 or (BLOCK_L == 128 and dtype.itemsize > 2) else 4
+        return {
+            "BLOCK_L": BLOCK_L,
+            "BLOCK_S": BLOCK_S,
+            "BLOCK_D": BLOCK_D,
+            "num_warps": num_warps,
+            "num_stages": 2,
+        }
+    if kernel == "bwd_dq":
+        BLOCK_L = 64 if wide else 128
+        num_warps = 8 if BLOCK_D >= 128 else 4
+        return {
+            "BLOCK_L": BLOCK_L,
+            "BLOCK_S": BLOCK_S,
+            "BLOCK_D": BLOCK_D,
+            "num_warps": num_warps,
+            "num_stages": 2,
+        }
+    # bwd_dkdv: a block of slots stays resident while the queries stream past.
+    BLOCK_L = 32 if BLOCK_D > 128 else 64
+    num_warps = 8 if BLOCK_D >= 128 else 4
+    return {
+        "BLOCK_L": BLOCK_L,
+        "BLOCK_S": BLOCK_S,
+        "BLOCK_D": BLOCK_D,
+        "num_warps": num_warps,
+        "num_stages": 2,
+    }
+
+
+def memory_read_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] (any strides) -> (o [B, L, H, Dh], lse [B, H, L])."""
+    B, L, H, Dh = q.shape
+    S = k.shape[1]
+    o = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty(
+        (B, H, L),
+        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+        device=q.device,
+    )
+    cfg = memory_read_config("fwd", q.dtype, S, Dh)
+    grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
+    memory_read_fwd_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
+    )  # fmt: skip
+    return o, lse
+
+
+def memory_read_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``.
+
+    ``num_splits`` forces how many programs share the query axis of the dk/dv reduction (tests).
+    """
+    B, L, H, Dh = q.shape
+    S = k.shape[1]
+    dq = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
+    delta = torch.empty_like(lse)
+    cfg = memory_read_config("bwd_dq", q.dtype, S, Dh)
+    grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
+    memory_read_bwd_dq_kernel[grid](
+        q, k, v, o, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
+    )  # fmt: skip
+
+    cfg = memory_read_config("bwd_dkdv", q.dtype, S, Dh)
+    n_s = triton.cdiv(S, cfg["BLOCK_S"])
+    splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
+    if splits == 1:
+        dk = torch.empty((1, B, S, H, Dh), dtype=k.dtype, device=k.device)
+        dv = torch.empty((1, B, S, H, Dh), dtype=v.dtype, device=v.device)
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dk = torch.empty((splits, B, S, H, Dh), dtype=acc, device=k.device)
+        dv = torch.empty((splits, B, S, H, Dh), dtype=acc, device=v.device)
+    memory_read_bwd_dkdv_kernel[(n_s, B * H, splits)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, L, S, Dh, chunk, scale, **cfg, **kernel_dtype_args(q.dtype),
+    )  # fmt: skip
+    if splits == 1:
+        return dq, dk[0], dv[0]
+    # The partials are summed in split order: deterministic, unlike atomics.
+    return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)

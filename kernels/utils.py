@@ -1,0 +1,108 @@
+"""Helpers shared by the kernel launchers: interpreter detection, dtypes, tile padding, splits.
+
+Block sizes are chosen by small deterministic heuristics (one configuration per kernel, dtype and
+padded head dimension) rather than by ``triton.autotune``: every shipped configuration is then
+known ahead of time and compiled for sm_90 and sm_80 in CI (``tests/test_aot_compile.py``), the
+first call of a new shape pays no tuning, and the interpreter (where multi-config autotuning fails
+with "0 active drivers") runs the same code path with its own small tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# tl.dot needs M, N, K >= 16 on NVIDIA GPUs (the interpreter accepts less, the compiler does not).
+MIN_DOT_TILE = 16
+
+
+def is_interpreter() -> bool:
+    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let interpreted loops use runtime bounds (``range(0, S, BLOCK_S)``) with numpy >= 2.4.
+
+    The interpreter of triton 3.6 stores a scalar argument as a 1-element array and converts it with
+    ``int(array)``, which numpy 2.4 turned into a ``TypeError``. Converting through ``.item()`` is
+    what it meant. Applied only under ``TRITON_INTERPRET=1`` and only where numpy rejects the old
+    conversion, so newer Triton releases are left alone.
+    """
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "_memformer_fast_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._memformer_fast_patched = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if is_interpreter():
+    _patch_interpreter_scalar_index()
+
+
+def dot_tile(n: int) -> int:
+    """Tile length covering ``n`` (a power of two, at least the ``tl.dot`` minimum)."""
+    return max(MIN_DOT_TILE, triton.next_power_of_2(n))
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Accumulator dtype: float32, or float64 for float64 inputs (interpreter gradchecks only)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision. float32 inputs must not silently drop to tf32 (SPEC 6 asks for
+    1e-4 relative error): ``tf32x3`` keeps about float32 accuracy on tensor cores."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def kernel_dtype_args(dtype: torch.dtype) -> dict[str, object]:
+    """The constexprs every dot kernel derives from its input dtype."""
+    return {"ACC_DTYPE": acc_dtype(dtype), "DOT_PRECISION": dot_precision(dtype)}
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 for the CPU interpreter: no extra splits)."""
+    if device.type != "cuda":
+        return 1
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_reduction(
+    length: int, block: int, programs: int, device: torch.device, num_splits: int | None = None
+) -> tuple[int, int]:
+    """Split a loop over ``length`` items across programs when the grid alone is too small.
+
+    ``programs`` is the grid size without splitting. Returns ``(num_splits, chunk)``: each split
+    covers ``chunk`` items (a multiple of ``block``); the partial results are reduced afterwards in
+    a fixed order, so the result is deterministic. ``num_splits`` forces a count (tests).
+    """
+    if num_splits is None:
+        # About two waves of programs, but never chunks shorter than 4 tiles.
+        target = 2 * num_sms(device)
+        num_splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(length, 4 * block)))
+    chunk = triton.cdiv(triton.cdiv(length, max(1, num_splits)), block) * block
+    chunk = max(chunk, block)
+    return max(1, triton.cdiv(length, chunk)), chunk
