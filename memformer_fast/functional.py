@@ -91,6 +91,16 @@ def _check_shape(name: str, t: Tensor, expected: Sequence[int | None], meaning: 
         raise ValueError(f"{name} must have shape {want} ({meaning}), got {list(t.shape)}")
 
 
+def _check_nonempty(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    """No dimension is empty: a softmax over zero slots or a norm over zero features is undefined,
+    and an empty launch grid is not worth a kernel path of its own."""
+    for name, t in zip(names, tensors):
+        if 0 in t.shape:
+            raise ValueError(
+                f"{name} must have no empty dimension (every size >= 1), got shape {list(t.shape)}"
+            )
+
+
 def _check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -128,6 +138,7 @@ def memory_read_attention(
     B, _, H, Dh = q.shape
     _check_shape("k", k, (B, None, H, Dh), "[B, S, H, Dh] matching q")
     _check_shape("v", v, tuple(k.shape), "the shape of k")
+    _check_nonempty(("q", "k"), (q, k))
     backend = resolve_backend(backend, q.device)
     _check_tensors(("q", "k", "v"), (q, k, v), backend)
     scale = _default_scale(scale, Dh)
@@ -169,6 +180,7 @@ def memory_write_attention(
     _check_shape("v_self", v_self, (B, S, H, Dh), "the shape of q")
     _check_shape("k", k, (B, None, H, Dh), "[B, L, H, Dh] matching q")
     _check_shape("v", v, tuple(k.shape), "the shape of k")
+    _check_nonempty(("q", "k"), (q, k))
     if token_mask is not None:
         if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
             got = token_mask.dtype if isinstance(token_mask, Tensor) else type(token_mask).__name__
@@ -223,6 +235,7 @@ def gated_memory_update(
     _check_shape("bias", bias, (S, D), "[S, D] matching memory")
     if gate_logits is not None:
         _check_shape("gate_logits", gate_logits, (B, S, D), "the shape of memory")
+    _check_nonempty(("memory",), (memory,))
     eps = _check_positive("eps", eps)
     backend = resolve_backend(backend, memory.device)
     _check_tensors(names, tensors, backend)
