@@ -25,6 +25,29 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def check_states(name: str, t: object, width: int, meaning: str) -> Tensor:
+    """``t`` is a floating ``[B, *, width]`` tensor, or a TypeError/ValueError names ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 3 or t.shape[-1] != width or 0 in t.shape:
+        raise ValueError(f"{name} must have shape [B, *, {width}] ({meaning}), got {list(t.shape)}")
+    return t
+
+
+def check_pair(name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    """``t`` has the batch size and device of ``other``."""
+    if t.shape[0] != other.shape[0]:
+        raise ValueError(
+            f"{name} must have the batch size of {other_name} ({other.shape[0]}), got {t.shape[0]}"
+        )
+    if t.device != other.device:
+        raise ValueError(
+            f"{name} must be on the device of {other_name} ({other.device}), got {t.device}"
+        )
+
+
 def attention_mask_2d(
     key_mask: Tensor | None, length: int, causal: bool, device: torch.device
 ) -> Tensor | None:
@@ -116,6 +139,7 @@ class MemoryReader(nn.Module):
 
     ``forward(h: [B, L, D], memory: [B, S, D]) -> [B, L, D]``, the update to add to ``h``.
     The memory may be kept in another dtype (float32) than ``h``; keys and values follow ``h``.
+    Shapes, dtypes and devices are checked: a bad argument raises a TypeError or ValueError.
     """
 
     def __init__(
@@ -130,10 +154,14 @@ class MemoryReader(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, h: Tensor, memory: Tensor) -> Tensor:
+        width = self.q.in_features
+        check_states("h", h, width, "[B, L, D] hidden states")
+        check_states("memory", memory, width, "[B, S, D] memory slots")
+        check_pair("memory", memory, "h", h)
         q = _split_heads(self.q(self.norm(h)), self.n_heads)
-        k, v = (
-            _split_heads(t, self.n_heads) for t in self.kv(self.memory_norm(memory)).chunk(2, -1)
-        )
+        # The memory follows h's dtype here, so a bfloat16 model reads a float32 memory.
+        kv = self.kv(self.memory_norm(memory.to(h.dtype)))
+        k, v = (_split_heads(t, self.n_heads) for t in kv.chunk(2, -1))
         o = functional.memory_read_attention(q, k.to(q.dtype), v.to(q.dtype), backend=self.backend)
         return self.out(o.flatten(2))
 
@@ -181,11 +209,25 @@ class MemoryWriter(nn.Module):
 
     def initial_memory(self, batch_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """``M_0 = bias / ||bias||`` per slot, ``[batch_size, S, D]`` (differentiable in bias)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         m0 = F.normalize(self.bias.to(dtype), dim=-1)
         return m0.unsqueeze(0).expand(batch_size, -1, -1)
 
     def forward(self, memory: Tensor, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        m = self.memory_norm(memory)
+        width = self.q.in_features
+        check_states("memory", memory, width, "[B, S, D] memory slots")
+        check_states("x", x, width, "[B, L, D] hidden states")
+        if memory.shape[1] != self.bias.shape[0]:
+            raise ValueError(
+                f"memory must have {self.bias.shape[0]} slots ([B, S, D] with S = n_slots), "
+                f"got shape {list(memory.shape)}"
+            )
+        check_pair("x", x, "memory", memory)
+        # The projections run in x's dtype (a bfloat16 model with a float32 memory works); the
+        # update itself stays in the memory's dtype.
+        raw = memory.to(x.dtype)
+        m = self.memory_norm(raw)
         q = _split_heads(self.q(m), self.n_heads)
         k_self = _split_heads(self.k(m), self.n_heads)
         tokens = self.token_norm(x)
@@ -196,7 +238,7 @@ class MemoryWriter(nn.Module):
             functional.memory_write_attention(
                 q,
                 k_self.to(dtype),
-                _split_heads(memory, self.n_heads).to(dtype),
+                _split_heads(raw, self.n_heads).to(dtype),
                 k.to(dtype),
                 v.to(dtype),
                 token_mask=token_mask,
@@ -208,7 +250,8 @@ class MemoryWriter(nn.Module):
         )
         gate_logits = None
         if self.gate is not None:
-            gate_logits = self.gate(torch.cat([memory, written], dim=-1)).to(memory.dtype)
+            gate_in = torch.cat([raw, written.to(raw.dtype)], dim=-1)
+            gate_logits = self.gate(gate_in).to(memory.dtype)
         new = functional.gated_memory_update(
             memory, written, self.bias.to(memory.dtype), gate_logits, backend=self.backend
         )
