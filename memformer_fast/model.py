@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,32 @@ class Memformer(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     # ------------------------------------------------------------------ memory and validation
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``, but every shape (and with ``strict`` every key) is checked
+        first: a checkpoint of another configuration raises before any parameter changes (torch
+        alone copies the tensors that fit, then raises)."""
+        own = self.state_dict()
+        problems = [
+            f"{key}: expected shape {list(own[key].shape)}, got {list(value.shape)}"
+            for key, value in state_dict.items()
+            if key in own and isinstance(value, Tensor) and value.shape != own[key].shape
+        ]
+        if strict:
+            missing = sorted(own.keys() - state_dict.keys())
+            unexpected = sorted(state_dict.keys() - own.keys())
+            if missing:
+                problems.append(f"missing keys: {missing}")
+            if unexpected:
+                problems.append(f"unexpected keys: {unexpected}")
+        if problems:
+            raise RuntimeError(
+                "state_dict does not fit this Memformer (was it saved with another "
+                "MemformerConfig?); nothing was loaded:\n  " + "\n  ".join(problems)
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def device(self) -> torch.device:
@@ -428,9 +456,11 @@ class Memformer(nn.Module):
             or max_new_tokens < 0
         ):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         prompt_ids = self._check_ids("prompt_ids", prompt_ids)
         memory = self._check_memory(memory, prompt_ids.shape[0])
