@@ -116,6 +116,8 @@ def backward(
         for t in reversed(range(num_segments)):
             if t > 0:
                 buffer.prefetch(t - 1)
+            if rollout.targets[t] is None and grad_memory is None:
+                continue  # nothing downstream depends on this segment (the last encoder step)
             with torch.enable_grad():
                 m_t = _replay_input(net, buffer, t, memory_in, batch_size)
                 loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
@@ -127,8 +129,6 @@ def backward(
             if grad_memory is not None:
                 outputs.append(m_next)
                 grads.append(grad_memory)
-            if not outputs:  # nothing downstream depends on this segment (last encoder step)
-                continue
             torch.autograd.backward(outputs, grads)
             grad_memory = m_t.grad if m_t.is_leaf else None
         total = torch.stack(losses).sum()

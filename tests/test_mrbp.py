@@ -1,0 +1,203 @@
+"""Memory Replay Back-Propagation (SPEC section 4) against full back-propagation through time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from testing_utils import relative_error
+
+from memformer_fast import Memformer, MemformerConfig, mrbp
+
+ARCHS = ["encoder-decoder", "decoder"]
+
+
+def make_model(
+    arch: str, dtype: torch.dtype = torch.float32, dropout: float = 0.1, **kw
+) -> Memformer:
+    torch.manual_seed(0)
+    cfg = MemformerConfig(
+        vocab_size=31,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        n_memory_slots=4,
+        segment_length=6,
+        dropout=dropout,
+        architecture=arch,
+        backend="reference",
+        memory_dtype=dtype,
+        **kw,
+    )
+    return Memformer(cfg).to(dtype).train()
+
+
+def rollout(T: int = 8, B: int = 3, ragged: int = 2):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 31, (B, 6 * T + ragged), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6 * T // 2 :] = 0  # a sequence that ends early (padding from the middle on)
+    labels = ids.clone()
+    labels[2, 5:9] = -100
+    return ids, mask, labels
+
+
+def grads(model: Memformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def bptt(model, ids, mask, labels, seed=7):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, memory = model.sequence_loss(ids, attention_mask=mask, labels=labels)
+    loss.backward()
+    return loss.detach(), memory.detach(), grads(model)
+
+
+def replay(model, ids, mask, labels, seed=7, **kw):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    result = mrbp.backward(model, ids, attention_mask=mask, labels=labels, **kw)
+    return result, grads(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_mrbp_gradients_equal_bptt_with_dropout(arch, dtype, tol):
+    model = make_model(arch, dtype)
+    ids, mask, labels = rollout(T=8)
+    loss, memory, expected = bptt(model, ids, mask, labels)
+    result, actual = replay(model, ids, mask, labels)
+    assert result.num_segments == 9
+    assert relative_error(result.loss, loss) < tol
+    assert relative_error(result.memory, memory) < tol
+    assert set(actual) == set(expected)
+    worst = max(relative_error(actual[n], expected[n]) for n in expected)
+    assert worst < tol, worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dropout_really_acts_and_is_reproduced(arch):
+    """Dropout changes the gradients (so the equality above is not vacuous)."""
+    model = make_model(arch)
+    ids, mask, labels = rollout(T=3)
+    _, _, g1 = bptt(model, ids, mask, labels, seed=1)
+    _, _, g2 = bptt(model, ids, mask, labels, seed=2)
+    assert max(relative_error(g1[n], g2[n]) for n in g1) > 1e-3
+    _, approx = replay(model, ids, mask, labels, seed=1, preserve_rng=False)
+    assert max(relative_error(approx[n], g1[n]) for n in g1) > 1e-3
+
+
+def test_gradients_accumulate_like_backward():
+    model = make_model("decoder")
+    ids, mask, labels = rollout(T=3)
+    _, _, expected = bptt(model, ids, mask, labels)
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.grad for n, p in model.named_parameters()}
+    torch.manual_seed(7)
+    mrbp.backward(model, ids, attention_mask=mask, labels=labels)
+    for n, p in model.named_parameters():
+        assert p.grad is before[n], "the .grad tensors are accumulated into, not replaced"
+        torch.testing.assert_close(p.grad, expected[n] + 1)
+
+
+def test_carried_memory_and_memory_gradient():
+    """A given M_0 that requires grad receives its gradient, as in BPTT."""
+    model = make_model("decoder", dropout=0.0)
+    ids, mask, labels = rollout(T=3)
+    m0 = model.init_memory(3).detach().clone()
+    a = m0.clone().requires_grad_()
+    loss, _ = model.sequence_loss(ids, memory=a, attention_mask=mask, labels=labels)
+    loss.backward()
+    b = m0.clone().requires_grad_()
+    mrbp.backward(model, ids, b, attention_mask=mask, labels=labels)
+    assert relative_error(b.grad, a.grad) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_finite_loss_is_atomic(arch):
+    model = make_model(arch, dropout=0.0, tie_embeddings=False)
+    ids, mask, labels = rollout(T=4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.lm_head.weight.grad = None
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")  # memory stays finite, every loss is NaN
+    with pytest.raises(FloatingPointError, match="segment 0"):
+        mrbp.backward(model, ids, attention_mask=mask, labels=labels)
+    for n, p in model.named_parameters():
+        if before[n] is None:
+            assert p.grad is None, n
+        else:
+            assert torch.equal(p.grad, before[n]), n
+        if n != "lm_head.weight":
+            assert torch.equal(p.detach(), state[n])
+
+
+def test_non_finite_memory_names_its_segment():
+    model = make_model("decoder", dropout=0.0)
+    ids, _, _ = rollout(T=5, ragged=0)
+    poison = 30
+    ids[ids == poison] = 1
+    ids[0, 6 * 3 + 2] = poison  # first seen in segment 3
+    with torch.no_grad():
+        model.embed.weight[poison] = float("inf")
+    with pytest.raises(FloatingPointError, match="segment 3"):
+        mrbp.backward(model, ids)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_segments_without_targets_skip_the_decoder():
+    model = make_model("encoder-decoder", dropout=0.0)
+    ids, _, _ = rollout(T=5, ragged=0)
+    labels = ids.clone()
+    labels[:, 12:18] = -100  # segment 2 is never scored: step 1 has nothing to decode
+    calls = []
+    model.decoder[0].register_forward_hook(lambda *_: calls.append(1))
+    mrbp.backward(model, ids, labels=labels)
+    assert len(calls) == 3  # steps 0, 2, 3 decode; step 1 is skipped, step 4 has no next segment
+
+
+class _LiveSavedBytes:
+    """Peak bytes held by autograd for backward: every saved tensor counted while it is alive."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        meter = self
+
+        class Held:
+            def __init__(self, t: torch.Tensor) -> None:
+                self.t, self.n = t, t.numel() * t.element_size()
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self) -> None:
+                meter.live -= self.n
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def test_activation_memory_is_flat_in_rollout_length():
+    model = make_model("encoder-decoder", dropout=0.0)
+    peaks = {}
+    for T in (4, 12):
+        ids = torch.randint(0, 31, (2, 6 * T))
+        with _LiveSavedBytes() as m:
+            mrbp.backward(model, ids)
+        with _LiveSavedBytes() as b:
+            model.sequence_loss(ids)[0].backward()
+        peaks[T] = (m.peak, b.peak)
+    assert peaks[12][0] == peaks[4][0], peaks  # MRBP: one segment's activations, whatever T
+    assert peaks[12][1] > 2.5 * peaks[4][1], peaks  # BPTT: grows with T
