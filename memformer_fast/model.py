@@ -238,14 +238,18 @@ class Memformer(nn.Module):
 
     def decode(
         self,
-        decoder_input_ids: Tensor,
+        decoder_input_ids: Tensor | None,
         context: Tensor,
         context_mask: Tensor | None = None,
         decoder_mask: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``[B, Ld, V]`` of the next tokens given the step's ``context [B, L, D]``."""
+        """Logits ``[B, Ld, V]`` of the next tokens given the step's ``context [B, L, D]``.
+
+        The decoder-only model reads ``context`` alone (``decoder_input_ids`` may be None).
+        """
         if not self.is_encoder_decoder:
             return self.lm_head(context)
+        assert decoder_input_ids is not None, "the encoder-decoder model needs decoder_input_ids"
         h = self.dropout(self.embed(decoder_input_ids))
         mask = attention_mask_2d(decoder_mask, decoder_input_ids.shape[1], True, h.device)
         for block in self.decoder:
