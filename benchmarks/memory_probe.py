@@ -1,0 +1,58 @@
+"""Peak resident memory of one training step, measured in a fresh process (CPU, Linux).
+
+Usage: ``python benchmarks/memory_probe.py '<RolloutCase as JSON>'``; prints one JSON line.
+
+The process imports torch, builds the case's model and inputs (:func:`workloads.build`), records
+its resident set (``VmRSS``), resets the kernel's high-water mark (writing ``5`` to
+``/proc/self/clear_refs``), runs the step once and reads the high-water mark (``VmHWM``). The
+reported ``peak_mb`` is ``VmHWM - VmRSS``: the memory the step added at its peak (gradients,
+activations, replay buffers, temporaries) on top of the interpreter, torch, the model and its
+inputs. A fresh process per case keeps allocator caches of earlier cases out of the measurement.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+from harness import apply_thread_setting
+from workloads import RolloutCase, build
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def status_mb(field: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB."""
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def main(argv: list[str]) -> None:
+    apply_thread_setting()
+    case = RolloutCase(**json.loads(argv[1]))
+    model, step = build(case, torch.device("cpu"))
+    gc.collect()
+    baseline = status_mb("VmRSS")
+    CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident set
+    step()
+    peak = status_mb("VmHWM")
+    del model
+    print(
+        json.dumps(
+            {
+                "peak_mb": peak - baseline,
+                "baseline_rss_mb": baseline,
+                "method": "fresh process: VmHWM - VmRSS around one step (clear_refs reset)",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv)
