@@ -7,8 +7,9 @@ synchronises the device so wall clock covers the GPU work. Peak memory is measur
 - CUDA: ``torch.cuda.max_memory_allocated`` minus ``torch.cuda.memory_allocated`` just before the
   measured call (the model, its inputs and nothing else are alive then; gradients start as None);
 - CPU: a fresh Python process per case (:mod:`memory_probe`) builds the model and the inputs,
-  resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the call once, and reports
-  ``VmHWM`` (the resident-set high-water mark) minus ``VmRSS`` just before the call.
+  runs one warm-up call, drops the gradients, resets the kernel's peak-RSS counter
+  (``/proc/self/clear_refs``), runs the call once more, and reports ``VmHWM`` (the resident-set
+  high-water mark) minus ``VmRSS`` just before that call.
 
 In both cases "peak MB" is what the call adds on top of the model and its inputs: gradients,
 activations, replay buffers and temporaries.
@@ -178,6 +179,9 @@ def cpu_peak_mb(spec: dict[str, object]) -> dict[str, object]:
     env = os.environ.copy()
     package_root = str(Path(memformer_fast.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    # A fixed mmap threshold: tensors of 64 KiB and more are mapped and unmapped, so resident
+    # memory follows the live tensors (glibc otherwise raises the threshold as blocks are freed).
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     result = subprocess.run(
         [sys.executable, str(PROBE), json.dumps(spec)],
         capture_output=True,

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python benchmarks/report.py RESULTS.json [--out DIR]
+    python benchmarks/report.py RESULTS.json [MORE.json ...] [--out DIR]
 
 writes ``DIR/results.md`` and ``DIR/{ops,model,rollouts,table3,peer}.png`` (for the suites the
-JSON holds; ``DIR`` defaults to the JSON's folder). The report names the machine, the library
-versions, the date and the exact commands. Times are pytest-benchmark medians.
+files hold; ``DIR`` defaults to the first file's folder). Several files (for example the suite
+split over two commands on a GPU) are merged; the machine is taken from the first. The report
+names the machine, the library versions, the date and the exact commands. Times are medians.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,8 +56,15 @@ Where the two models differ (same width, heads, d_ff, depths, slots, segment len
 """
 
 
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+def load(paths: list[Path]) -> dict[str, Any]:
+    """The first file's run, with the benchmarks and commands of every file."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    data = runs[0]
+    data["benchmarks"] = [b for run in runs for b in run["benchmarks"]]
+    data["commands"] = [
+        run["machine_info"].get("memformer_bench", {}).get("command") for run in runs
+    ]
+    return data
 
 
 def suite(data: dict[str, Any], name: str) -> list[Row]:
@@ -94,7 +101,7 @@ def ratio(value: float | None, base: float | None) -> float | None:
 # ----------------------------------------------------------------------------- sections
 
 
-def header(data: dict[str, Any], json_path: Path, out: Path) -> str:
+def header(data: dict[str, Any], json_paths: list[Path], out: Path) -> str:
     info = data["machine_info"].get("memformer_bench", {})
     commit = data.get("commit_info", {})
     device = info.get("device", data["machine_info"].get("cpu", {}).get("brand_raw", "?"))
@@ -117,8 +124,9 @@ def header(data: dict[str, Any], json_path: Path, out: Path) -> str:
             if commit
             else ""
         ),
-        f"- **Command:** `{info.get('command', '?')}`",
-        f"- **Report:** `python benchmarks/report.py {json_path} --out {out}`",
+        *(f"- **Command:** `{command}`" for command in data["commands"]),
+        f"- **Report:** `python benchmarks/report.py {shlex.join(map(str, json_paths))} "
+        f"--out {out}`",
         "- Times are medians over pytest-benchmark rounds after warm-up rounds, wall clock with "
         "the device synchronised inside the timed function.",
     ]
@@ -433,10 +441,12 @@ def peer_section(rows: list[Row], out: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", type=Path, help="output folder (default: the JSON's folder)")
+    parser.add_argument(
+        "json", type=Path, nargs="+", help="pytest-benchmark JSON files (--benchmark-json)"
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: the first JSON's)")
     args = parser.parse_args(argv)
-    out = args.out or args.json.parent
+    out = args.out or args.json[0].parent
     out.mkdir(parents=True, exist_ok=True)
     data = load(args.json)
     sections = [
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_section(suite(data, "peer"), out),
     ]
     (out / "results.md").write_text("\n\n".join(s for s in sections if s) + "\n")
-    print(f"wrote {out / 'results.md'}: python {shlex.join(sys.argv)}")
+    print(f"wrote {out / 'results.md'}")
 
 
 if __name__ == "__main__":
