@@ -1,71 +1,218 @@
-"""The MRBP replay buffer (SPEC section 5).
+"""The MRBP replay buffer (SPEC section 5): the Python face of the extension ``memformer_fast._C``.
 
-Interim pure-Python implementation; the C++/CUDA extension ``memformer_fast._C`` replaces it.
+All the work (storage, copies, streams and events, argument checks) happens in C++ (``csrc/``);
+this module loads the extension, refuses a missing or stale build with an ``ImportError`` that says
+how to rebuild, and gives the class its documented, typed Python signature.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
+
+API_VERSION = 1  # must equal API_VERSION in csrc/bindings.cpp
+REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` from the repository root"
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version_triple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def _stale_sources(extension_file: Path) -> list[str]:
+    """C++/CUDA sources newer than the built module, when running from a source checkout."""
+    csrc = _SOURCE_ROOT / "csrc"
+    if not (_SOURCE_ROOT / "setup.py").is_file() or not csrc.is_dir():
+        return []  # an installed package: its sources are not around to compare with
+    built = extension_file.stat().st_mtime
+    return sorted(
+        str(path.relative_to(_SOURCE_ROOT))
+        for path in csrc.rglob("*")
+        if path.suffix in {".h", ".cpp", ".cu"} and path.stat().st_mtime > built
+    )
+
+
+@functools.cache
+def load_extension() -> ModuleType:
+    """``memformer_fast._C``, checked against this Python code and the running torch.
+
+    Raises:
+        ImportError: the extension is missing, fails to load, or was built from other sources, for
+            another API version or against another torch; the message says how to rebuild.
+    """
+    try:
+        from . import _C
+    except ImportError as error:
+        raise ImportError(
+            f"memformer_fast._C (the compiled replay buffer) cannot be imported ({error}); "
+            + REBUILD_HINT
+        ) from error
+    problems = []
+    if getattr(_C, "API_VERSION", None) != API_VERSION:
+        problems.append(
+            f"it has API version {getattr(_C, 'API_VERSION', None)}, this code needs {API_VERSION}"
+        )
+    if _version_triple(_C.TORCH_VERSION) != _version_triple(torch.__version__):
+        problems.append(f"it was built for torch {_C.TORCH_VERSION}, running {torch.__version__}")
+    stale = _stale_sources(Path(_C.__file__))
+    if stale:
+        problems.append(f"these sources changed after it was built: {', '.join(stale)}")
+    if problems:
+        raise ImportError(f"memformer_fast._C is stale: {'; '.join(problems)}; " + REBUILD_HINT)
+    return _C
 
 
 class ReplayBuffer:
     """Preallocated storage for ``capacity`` memory states of one shape and dtype.
 
-    ``push`` copies a state in and returns its index; ``get`` returns it on ``device``;
-    each entry carries an integer RNG seed that recreates its segment's randomness.
+    Each entry carries the integer seed that recreates its segment's randomness. With
+    ``offload=True`` on a CUDA device the states live in pinned host memory and the device holds a
+    few of them whatever the capacity: pushes copy out on a side stream ordered after the producer,
+    and ``prefetch(i)`` brings entry ``i`` back while the caller computes.
+
+    Args:
+        capacity: the number of states it can hold (at least 1).
+        shape: the shape of every state.
+        dtype: the dtype of every state.
+        device: where states are pushed from and returned to (``cpu`` or ``cuda``).
+        offload: keep the states in host memory (pinned when CUDA is present).
+
+    Raises:
+        ImportError: the extension is missing or stale (see :func:`load_extension`).
+        ValueError: a non-positive capacity or size in ``shape``, or an unsupported device.
     """
+
+    __slots__ = ("_impl",)
 
     def __init__(
         self,
         capacity: int,
         shape: Sequence[int],
         dtype: torch.dtype,
-        device: torch.device | str,
+        device: torch.device | str | int,
         offload: bool = False,
     ) -> None:
-        self.capacity, self.shape, self.dtype = capacity, tuple(shape), dtype
-        self.device, self.offload = torch.device(device), offload
-        where = "cpu" if offload else self.device
-        self._storage = torch.empty((capacity, *self.shape), dtype=dtype, device=where)
-        self._seeds = [0] * capacity
-        self._size = 0
+        self._impl = load_extension().ReplayBuffer(
+            capacity, tuple(shape), dtype, torch.device(device), offload
+        )
 
     def push(self, state: Tensor, rng_seed: int = 0) -> int:
-        if self._size >= self.capacity:
-            raise IndexError(f"ReplayBuffer is full (capacity {self.capacity})")
-        self._storage[self._size].copy_(state)
-        self._seeds[self._size] = rng_seed
-        self._size += 1
-        return self._size - 1
+        """Copy ``state`` (any strides) into the next entry with its seed; returns its index.
+
+        No memory is allocated. A failed push leaves the buffer unchanged.
+
+        Raises:
+            TypeError: ``state`` has another dtype (or is not a dense tensor).
+            ValueError: ``state`` has another shape or lives on another device.
+            IndexError: the buffer is full.
+        """
+        return self._impl.push(state, rng_seed)
 
     def get(self, index: int) -> Tensor:
-        if not 0 <= index < self._size:
-            raise IndexError(f"index must be in [0, {self._size}), got {index}")
-        return self._storage[index].to(self.device, copy=True)
+        """Entry ``index`` as a new tensor on ``device``, ready on the caller's current stream.
+
+        The tensor is the caller's: later pushes never write to it.
+
+        Raises:
+            IndexError: ``index`` is not in ``[0, len(self))``.
+        """
+        return self._impl.get(index)
 
     def rng_seed(self, index: int) -> int:
-        if not 0 <= index < self._size:
-            raise IndexError(f"index must be in [0, {self._size}), got {index}")
-        return self._seeds[index]
+        """The seed pushed with entry ``index``."""
+        return self._impl.rng_seed(index)
 
     def prefetch(self, index: int) -> None:
-        """Hint that ``get(index)`` comes next (used by the offloading implementation)."""
+        """Start copying entry ``index`` to the device (offload); else only check the index."""
+        self._impl.prefetch(index)
 
     def pop(self) -> Tensor:
-        state = self.get(self._size - 1)
-        self._size -= 1
-        return state
-
-    def __len__(self) -> int:
-        return self._size
+        """Remove the last entry and return it as :meth:`get` would."""
+        return self._impl.pop()
 
     def clear(self) -> None:
-        self._size = 0
+        """Remove every entry (the storage stays allocated for reuse)."""
+        self._impl.clear()
 
     def nbytes(self, where: str = "device") -> int:
-        on_host = self.offload or self.device.type == "cpu"
-        total = self._storage.numel() * self._storage.element_size()
-        return total if (where == "host") == on_host else 0
+        """Bytes held in ``"device"`` or ``"host"`` memory."""
+        return self._impl.nbytes(where)
+
+    def __len__(self) -> int:
+        return len(self._impl)
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayBuffer(len={len(self)}, capacity={self.capacity}, shape={self.shape}, "
+            f"dtype={self.dtype}, device={self.device}, offload={self.offload})"
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self._impl.capacity
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._impl.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._impl.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._impl.device
+
+    @property
+    def offload(self) -> bool:
+        return self._impl.offload
+
+
+def build_info() -> dict[str, Any]:
+    """How ``memformer_fast._C`` was built, for ``python -m memformer_fast info``.
+
+    Never raises: a missing or stale extension is reported under ``extension_error``.
+    """
+    info: dict[str, Any] = {
+        "extension_built": False,
+        "extension_error": None,
+        "extension_path": None,
+        "with_cuda": False,
+        "cuda_archs": [],
+        "cuda_compiled": None,
+        "cuda_runtime": None,
+        "compiler": None,
+        "torch_built": None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        ext = load_extension()
+    except ImportError as error:
+        info["extension_error"] = str(error)
+        return info
+    info.update(
+        extension_built=True,
+        extension_path=ext.__file__,
+        with_cuda=ext.WITH_CUDA,
+        cuda_archs=[f"{arch // 100}.{arch % 100 // 10}" for arch in ext.CUDA_ARCHS],
+        compiler=ext.COMPILER,
+        torch_built=ext.TORCH_VERSION,
+    )
+    if ext.WITH_CUDA:
+        info["cuda_compiled"] = _cuda_version(ext.CUDA_VERSION)
+        info["cuda_runtime"] = _cuda_version(ext.cuda_runtime_version()) or None
+    return info
+
+
+def _cuda_version(version: int) -> str:
+    """``13000`` -> ``"13.0"`` (the CUDART_VERSION encoding); ``0`` (unknown) -> ``""``."""
+    return f"{version // 1000}.{version % 1000 // 10}" if version else ""
