@@ -1,0 +1,517 @@
+"""Custom ops of the three fused operations: autograd, fake tensors and ``torch.compile``.
+
+Design
+------
+Each operation is a pair of ``torch.library.custom_op``\\ s in the ``memformer_fast`` namespace:
+a forward that also returns what its backward needs (the log-sum-exp of the attention rows) and a
+backward, tied together with ``register_autograd``. Because the backward is an op too,
+``torch.compile(fullgraph=True)`` sees both as single opaque nodes (no graph break, no tracing into
+Triton), and ``register_fake`` gives their output shapes to fake and meta tensors.
+
+Each op has two implementations, picked per call from the tensors' device:
+
+- CUDA (``register_kernel("cuda")``): the Triton launchers of :mod:`memformer_fast.kernels`.
+- Every other device (the default implementation): the same Triton launchers when the tensors are
+  on the CPU and ``TRITON_INTERPRET=1`` is set, which is how CI runs the whole op path (custom op,
+  autograd, kernels) without a GPU; otherwise PyTorch: :mod:`memformer_fast.reference` for the
+  forward and the explicit backward formulas below, so the ops run, compile and pass ``opcheck``
+  anywhere.
+
+The functions at the bottom are what :mod:`memformer_fast.functional` calls for
+``backend="triton"``; their arguments are already validated there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .functional import interpreter_enabled, triton_available
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _kernels():  # imported on first use: importing Triton is slow and optional off CUDA
+    from memformer_fast import kernels
+
+    return kernels
+
+
+def _use_triton(t: Tensor) -> bool:
+    """Kernels run natively on CUDA and through the interpreter on CPU tensors."""
+    return t.device.type == "cuda" or (
+        t.device.type == "cpu" and interpreter_enabled() and triton_available()
+    )
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(fn: F) -> F:
+    """The PyTorch fallbacks accumulate in float32 (or float64) even under autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory read
+# --------------------------------------------------------------------------------------------
+
+
+@_no_autocast
+def _read_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """[B, H, L, S] scaled logits in the accumulation dtype."""
+    ct = _acc(q.dtype)
+    return torch.einsum("blhd,bshd->bhls", q.to(ct), k.to(ct)) * scale
+
+
+@torch.library.custom_op(
+    "memformer_fast::memory_read_fwd",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+)
+def memory_read_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> (o [B, L, H, Dh], lse [B, H, L] float32)."""
+    if _use_triton(q):
+        return _kernels().memory_read_fwd(q, k, v, scale)
+    o = reference.memory_read_attention(q, k, v, scale).contiguous()
+    return o, torch.logsumexp(_read_logits(q, k, scale), dim=-1)
+
+
+@memory_read_fwd.register_kernel("cuda")
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return _kernels().memory_read_fwd(q, k, v, scale)
+
+
+@memory_read_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, L, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, H, L), dtype=_acc(q.dtype)
+    )
+
+
+@_no_autocast
+def _read_bwd_reference(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    ct = _acc(q.dtype)
+    p = torch.exp(_read_logits(q, k, scale) - lse[..., None])  # [B, H, L, S]
+    do_, q_, k_, v_ = do.to(ct), q.to(ct), k.to(ct), v.to(ct)
+    dp = torch.einsum("blhd,bshd->bhls", do_, v_)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq = torch.einsum("bhls,bshd->blhd", ds, k_) * scale
+    dk = torch.einsum("bhls,blhd->bshd", ds, q_) * scale
+    dv = torch.einsum("bhls,blhd->bshd", p, do_)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+@torch.library.custom_op(
+    "memformer_fast::memory_read_bwd",
+    mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def memory_read_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``."""
+    if _use_triton(q):
+        return _kernels().memory_read_bwd(do, q, k, v, o, lse, scale)
+    return _read_bwd_reference(do, q, k, v, lse, scale)
+
+
+@memory_read_bwd.register_kernel("cuda")
+def _(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().memory_read_bwd(do, q, k, v, o, lse, scale)
+
+
+@memory_read_bwd.register_fake
+def _(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _read_setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _read_backward(ctx, do: Tensor, _dlse: Tensor):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = memory_read_bwd(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+memory_read_fwd.register_autograd(_read_backward, setup_context=_read_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory write
+# --------------------------------------------------------------------------------------------
+
+
+@_no_autocast
+def _write_logits(
+    q: Tensor, k_self: Tensor, k: Tensor, token_mask: Tensor | None, logit_scale: float
+) -> tuple[Tensor, Tensor]:
+    """Self logits [B, S, H] and token logits [B, S, H, L] (-inf at padding), accumulation dtype."""
+    ct = _acc(q.dtype)
+    q_ = q.to(ct)
+    s_self = (q_ * k_self.to(ct)).sum(-1) * logit_scale
+    s_tok = torch.einsum("bshd,blhd->bshl", q_, k.to(ct)) * logit_scale
+    if token_mask is not None:
+        s_tok = s_tok.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+    return s_self, s_tok
+
+
+@torch.library.custom_op(
+    "memformer_fast::memory_write_fwd",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, Tensor? token_mask, "
+    "float temperature, float scale) -> (Tensor, Tensor)",
+)
+def memory_write_fwd(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] or None
+    -> (o [B, S, H, Dh], lse [B, H, S] float32 over the 1 + L entries)."""
+    if _use_triton(q):
+        return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    o = reference.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    o = o.contiguous()
+    s_self, s_tok = _write_logits(q, k_self, k, token_mask, scale / temperature)
+    lse = torch.logsumexp(torch.cat([s_self[..., None], s_tok], dim=-1), dim=-1)
+    return o, lse.transpose(1, 2).contiguous()
+
+
+@memory_write_fwd.register_kernel("cuda")
+def _(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
+
+
+@memory_write_fwd.register_fake
+def _(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    B, S, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (B, H, S), dtype=_acc(q.dtype)
+    )
+
+
+@_no_autocast
+def _write_bwd_reference(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    lse: Tensor,
+    logit_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ct = _acc(q.dtype)
+    s_self, s_tok = _write_logits(q, k_self, k, token_mask, logit_scale)
+    lse = lse.transpose(1, 2)  # [B, S, H]
+    p_self = torch.exp(s_self - lse)
+    p_tok = torch.exp(s_tok - lse[..., None])  # exactly 0 at padding
+    do_, q_, ks_, vs_, k_, v_ = (t.to(ct) for t in (do, q, k_self, v_self, k, v))
+    dp_self = (do_ * vs_).sum(-1)
+    dp_tok = torch.einsum("bshd,blhd->bshl", do_, v_)
+    delta = p_self * dp_self + (p_tok * dp_tok).sum(-1)
+    ds_self = p_self * (dp_self - delta)
+    ds_tok = p_tok * (dp_tok - delta[..., None])
+    dq = (ds_self[..., None] * ks_ + torch.einsum("bshl,blhd->bshd", ds_tok, k_)) * logit_scale
+    dk_self = ds_self[..., None] * q_ * logit_scale
+    dv_self = p_self[..., None] * do_
+    dk = torch.einsum("bshl,bshd->blhd", ds_tok, q_) * logit_scale
+    dv = torch.einsum("bshl,bshd->blhd", p_tok, do_)
+    pairs = ((dq, q), (dk_self, k_self), (dv_self, v_self), (dk, k), (dv, v))
+    return tuple(g.to(t.dtype).contiguous() for g, t in pairs)
+
+
+@torch.library.custom_op(
+    "memformer_fast::memory_write_bwd",
+    mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
+    "Tensor? token_mask, Tensor o, Tensor lse, float temperature, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def memory_write_bwd(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``."""
+    if _use_triton(q):
+        return _kernels().memory_write_bwd(
+            do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
+        )
+    return _write_bwd_reference(do, q, k_self, v_self, k, v, token_mask, lse, scale / temperature)
+
+
+@memory_write_bwd.register_kernel("cuda")
+def _(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _kernels().memory_write_bwd(
+        do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
+    )
+
+
+@memory_write_bwd.register_fake
+def _(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in (q, k_self, v_self, k, v)
+    )
+
+
+def _write_setup_context(ctx, inputs, output) -> None:
+    q, k_self, v_self, k, v, token_mask, temperature, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k_self, v_self, k, v, token_mask, o, lse)
+    ctx.temperature, ctx.scale = temperature, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _write_backward(ctx, do: Tensor, _dlse: Tensor):
+    q, k_self, v_self, k, v, token_mask, o, lse = ctx.saved_tensors
+    grads = memory_write_bwd(
+        do, q, k_self, v_self, k, v, token_mask, o, lse, ctx.temperature, ctx.scale
+    )
+    return (*grads, None, None, None)
+
+
+memory_write_fwd.register_autograd(_write_backward, setup_context=_write_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Gated memory update (BMN)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "memformer_fast::gated_memory_update_fwd",
+    mutates_args=(),
+    schema="(Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, float eps) "
+    "-> Tensor",
+)
+def gated_memory_update_fwd(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
+    """memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]."""
+    if _use_triton(memory):
+        return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
+    return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps).contiguous()
+
+
+@gated_memory_update_fwd.register_kernel("cuda")
+def _(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
+    return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
+
+
+@gated_memory_update_fwd.register_fake
+def _(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
+    return torch.empty_like(memory, memory_format=torch.contiguous_format)
+
+
+@_no_autocast
+def _gated_bwd_reference(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    ct = _acc(memory.dtype)
+    m, c, b, do = memory.to(ct), candidate.to(ct), bias.to(ct), dout.to(ct)
+    g = None if gate_logits is None else torch.sigmoid(gate_logits.to(ct))
+    u = c + b if g is None else g * c + (1 - g) * m + b
+    norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    # Below eps the norm is the constant eps: clamp_min passes no gradient there.
+    n = norm.clamp_min(eps)
+    y = u / n
+    du = (do - y * torch.where(norm < eps, 0.0, (do * y).sum(-1, keepdim=True))) / n
+    if g is None:
+        return [d.to(memory.dtype).contiguous() for d in (du, du.sum(0))]
+    grads = ((1 - g) * du, g * du, du.sum(0), du * (c - m) * g * (1 - g))
+    return [d.to(memory.dtype).contiguous() for d in grads]
+
+
+@torch.library.custom_op(
+    "memformer_fast::gated_memory_update_bwd",
+    mutates_args=(),
+    schema="(Tensor dout, Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, "
+    "float eps) -> Tensor[]",
+)
+def gated_memory_update_bwd(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    """Gradients of :func:`gated_memory_update_fwd`: ``[d_memory, d_candidate, d_bias,
+    d_gate_logits]``, or ``[d_candidate, d_bias]`` without a gate (the memory is then unused)."""
+    if _use_triton(memory):
+        return _gated_bwd_triton(dout, memory, candidate, bias, gate_logits, eps)
+    return _gated_bwd_reference(dout, memory, candidate, bias, gate_logits, eps)
+
+
+def _gated_bwd_triton(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    grads = _kernels().gated_update_bwd(dout, memory, candidate, bias, gate_logits, eps)
+    return [g for g in grads if g is not None]
+
+
+gated_memory_update_bwd.register_kernel("cuda")(_gated_bwd_triton)
+
+
+@gated_memory_update_bwd.register_fake
+def _(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    like = (candidate, bias) if gate_logits is None else (memory, candidate, bias, gate_logits)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+
+
+def _gated_setup_context(ctx, inputs, output) -> None:
+    memory, candidate, bias, gate_logits, eps = inputs
+    ctx.save_for_backward(memory, candidate, bias, gate_logits)
+    ctx.eps = eps
+
+
+def _gated_backward(ctx, dout: Tensor):
+    memory, candidate, bias, gate_logits = ctx.saved_tensors
+    grads = gated_memory_update_bwd(dout, memory, candidate, bias, gate_logits, ctx.eps)
+    if gate_logits is None:
+        d_candidate, d_bias = grads
+        return None, d_candidate, d_bias, None, None
+    d_memory, d_candidate, d_bias, d_gate = grads
+    return d_memory, d_candidate, d_bias, d_gate, None
+
+
+gated_memory_update_fwd.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# What memformer_fast.functional calls for backend="triton" (arguments already validated)
+# --------------------------------------------------------------------------------------------
+
+
+def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Fused memory read (SPEC 2.1): q [B, L, H, Dh], k, v [B, S, H, Dh] -> [B, L, H, Dh]."""
+    return memory_read_fwd(q, k, v, scale)[0]
+
+
+def memory_write_attention(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> Tensor:
+    """Fused memory write (SPEC 2.2): q, k_self, v_self [B, S, H, Dh], k, v [B, L, H, Dh],
+    token_mask [B, L] bool or None -> [B, S, H, Dh]."""
+    return memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)[0]
+
+
+def gated_memory_update(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
+    """Fused gated BMN update (SPEC 2.3): memory, candidate [B, S, D], bias [S, D],
+    gate_logits [B, S, D] or None -> [B, S, D]."""
+    return gated_memory_update_fwd(memory, candidate, bias, gate_logits, eps)
