@@ -10,14 +10,22 @@ MRBP trains through a whole rollout while keeping the activations of one segment
 
 Gradients equal those of ``model.sequence_loss(...).backward()`` up to float rounding, dropout
 included, because both derive every segment's randomness from the same seeds.
+
+Under ``DistributedDataParallel`` the replay runs on the wrapped module, outside DDP's reducer, and
+the gradients are averaged over the ranks ONCE per rollout, after the last backward call, by one
+pass through the DDP wrapper (see :func:`_synchronize`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import randomness
 from .model import Memformer
@@ -56,7 +64,9 @@ def backward(
     """Accumulate the gradient of the rollout loss into the parameters' ``.grad``.
 
     Args:
-        model: a :class:`Memformer`.
+        model: a :class:`Memformer`, or a ``DistributedDataParallel`` wrapping one: then the
+            gradients are averaged over the ranks once per call (not once per segment), unless
+            the call runs inside ``model.no_sync()``.
         input_ids: ``[B, T*L]`` token ids (the last segment may be shorter).
         memory: ``M_0 [B, S, D]``, default ``model.init_memory(B)`` (then the memory bias gets
             the gradient through ``M_0`` too, as in BPTT). If it requires grad, its gradient is
@@ -71,10 +81,12 @@ def backward(
         :class:`MRBPResult`.
 
     Raises:
-        FloatingPointError: a segment's memory or loss is not finite; every ``.grad`` is then
-            left exactly as it was before the call.
+        FloatingPointError: a segment's memory or loss is not finite; every ``.grad`` (the
+            parameters' and ``memory``'s) is then left exactly as it was before the call. Under
+            DDP every rank raises when any rank finds a non-finite value.
     """
     net = _unwrap(model)
+    ddp = model if isinstance(model, DistributedDataParallel) else None
     rollout = net.plan_rollout(input_ids, attention_mask, labels)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
     memory_in = net._check_memory(memory, batch_size) if memory is not None else None
@@ -98,11 +110,11 @@ def backward(
             _, m = net.rollout_step(rollout, t, m, _seed(seeds[t]), with_loss=False)
             finite.append(torch.isfinite(m).all())
         final_memory = m
-    bad = (~torch.stack(finite)).nonzero()  # one host sync for the whole pass
-    if bad.numel():
+    bad_memory = _agree(ddp, _first_false(torch.stack(finite)), num_segments, net.device)
+    if bad_memory < num_segments:
         raise FloatingPointError(
-            f"mrbp.backward: the memory written by segment {int(bad[0])} is not finite; "
-            "no gradient was changed"
+            f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
+            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
         )
 
     # 2. Replay backwards into fresh .grad tensors; merge with the old ones only on success.
@@ -111,6 +123,7 @@ def backward(
     for p in params:
         p.grad = None
     losses: list[Tensor] = []
+    loss_steps: list[int] = []
     grad_memory: Tensor | None = None
     try:
         for t in reversed(range(num_segments)):
@@ -124,6 +137,7 @@ def backward(
             outputs, grads = [], []
             if loss is not None:
                 losses.append(loss.detach())
+                loss_steps.append(t)
                 outputs.append(loss)
                 grads.append(torch.ones_like(loss))
             if grad_memory is not None:
@@ -131,25 +145,31 @@ def backward(
                 grads.append(grad_memory)
             torch.autograd.backward(outputs, grads)
             grad_memory = m_t.grad if m_t.is_leaf else None
-        total = torch.stack(losses).sum()
-        bad_loss = not bool(torch.isfinite(torch.stack(losses)).all())
+        stacked = torch.stack(losses)  # segments in reverse order
+        first_bad = _first_false(torch.isfinite(stacked.flip(0)))
+        bad_loss = loss_steps[::-1][first_bad] if first_bad < len(losses) else num_segments
+        bad_loss = _agree(ddp, bad_loss, num_segments, net.device)
+        if bad_loss < num_segments:
+            raise FloatingPointError(
+                f"mrbp.backward: the loss of segment {bad_loss} is not finite"
+                f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
+            )
+        # Only now, with every check passed, does the gradient leave the parameters: into the
+        # caller's memory (and whatever graph produced it).
+        if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
+            torch.autograd.backward(memory_in, grad_memory)
     except BaseException:
         _restore(params, saved_grads)
         raise
-    if bad_loss:
-        _restore(params, saved_grads)
-        steps = [t for t in reversed(range(num_segments)) if rollout.targets[t] is not None]
-        first = min(t for t, loss in zip(steps, losses) if not torch.isfinite(loss))
-        raise FloatingPointError(
-            f"mrbp.backward: the loss of segment {first} is not finite; no gradient was changed"
-        )
     for p, old in zip(params, saved_grads):
         if old is not None and p.grad is not None:
-            p.grad = old.add_(p.grad)
+            p.grad = old.add_(p.grad)  # in place: a DDP bucket view stays a bucket view
         elif old is not None:
             p.grad = old
+    if ddp is not None and ddp.require_backward_grad_sync:
+        _synchronize(ddp, net, params)
     buffer.clear()
-    return MRBPResult(loss=total, memory=final_memory, num_segments=num_segments)
+    return MRBPResult(loss=stacked.sum(), memory=final_memory, num_segments=num_segments)
 
 
 def _seed(stored: int) -> int | None:
@@ -159,13 +179,75 @@ def _seed(stored: int) -> int | None:
 def _replay_input(
     net: Memformer, buffer: ReplayBuffer, t: int, memory_in: Tensor | None, batch_size: int
 ) -> Tensor:
-    """``M_t`` for the replay of segment ``t``: a leaf that collects ``G_t``, except ``M_0``,
-    which is rebuilt from the memory bias (or is the caller's tensor) so its gradient flows on."""
+    """``M_t`` for the replay of segment ``t``: a leaf that collects ``G_t``. ``M_0`` is rebuilt
+    from the memory bias when the caller gave no memory (its gradient flows into the bias), and
+    needs no gradient when the caller's memory does not require one. A caller's memory that does
+    receives ``G_0`` only after every check passed (see :func:`backward`)."""
     if t == 0 and memory_in is None:
         return net.init_memory(batch_size)
-    if t == 0 and memory_in is not None and memory_in.requires_grad:
-        return memory_in
+    if t == 0 and memory_in is not None and not memory_in.requires_grad:
+        return buffer.get(0)
     return buffer.get(t).requires_grad_()
+
+
+def _first_false(flags: Tensor) -> int:
+    """Index of the first False in a 1-D bool tensor, ``len(flags)`` if none (one host sync)."""
+    bad = (~flags).nonzero()
+    return int(bad[0]) if bad.numel() else flags.numel()
+
+
+_ON_A_RANK = " on at least one DDP rank"
+
+
+def _agree(
+    ddp: DistributedDataParallel | None, first_bad: int, none: int, device: torch.device
+) -> int:
+    """The smallest ``first_bad`` over the DDP ranks (``none`` = nothing bad).
+
+    Every rank must raise together: a rank that raised alone would leave the others waiting in
+    the gradient all-reduce.
+    """
+    if ddp is None:
+        return first_bad
+    flag = torch.tensor([min(first_bad, none)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ddp.process_group)
+    return int(flag.item())
+
+
+@contextlib.contextmanager
+def _forward_redirected(module: nn.Module, forward: Callable[[], Tensor]) -> Iterator[None]:
+    """Make ``module(...)`` run ``forward`` for the body (an instance attribute shadows the
+    class's method), so a wrapper such as DDP that calls ``module`` runs our function instead."""
+    saved = module.__dict__.get("forward")
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = saved
+
+
+def _synchronize(ddp: DistributedDataParallel, net: Memformer, params: list[nn.Parameter]) -> None:
+    """Average every parameter's accumulated ``.grad`` over the ranks with DDP's own reducer.
+
+    The replay's backward calls ran on the wrapped module, which DDP's reducer ignores (no
+    forward went through the wrapper), so gradients accumulated locally as under ``no_sync``.
+    Here one forward goes through the wrapper, redirected to ``0 * sum(p.sum())`` over every
+    parameter, and its backward adds zero to every ``.grad``: each parameter's gradient hook
+    fires once, so the reducer all-reduces the whole accumulated gradient in its buckets (comm
+    hooks, ``gradient_as_bucket_view`` and ``find_unused_parameters`` all keep working) and
+    every rank ends with the mean over ranks, as DDP computes it. Syncing on a replayed segment
+    instead would miss the parameters that segment does not touch.
+    """
+
+    def touch_every_parameter() -> Tensor:
+        return sum((p.sum() for p in params), torch.zeros((), device=net.device)) * 0.0
+
+    with torch.enable_grad(), _forward_redirected(net, touch_every_parameter):
+        out = ddp()
+    out.backward()
 
 
 def _restore(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
