@@ -8,7 +8,8 @@ Forward: one program per (block of ``BLOCK_L`` queries, batch * head) streams th
 Backward (no ``L x S`` matrix ever reaches global memory):
 
 - ``memory_read_bwd_dq_kernel``: per block of queries, loops over the slots; writes ``dq`` and
-  ``delta = rowsum(do * o)``, the softmax-backward term the dk/dv kernel reuses.
+  ``delta = rowsum(p * dp)`` (``= rowsum(do * o)`` before rounding), the softmax-backward term the
+  dk/dv kernel reuses. The output is not needed.
 - ``memory_read_bwd_dkdv_kernel``: per block of slots, loops over the queries and accumulates
   ``dk``/``dv`` in registers, deterministically. When there are too few slot blocks to fill the GPU
   (``S`` is typically 16-256), the query axis is split across programs into float32 partials that
@@ -115,11 +116,43 @@ def memory_read_fwd_kernel(
 
 
 @triton.jit
+def _memory_read_bwd_tile(
+    b_q,
+    b_do,
+    b_lse,
+    p_k,
+    p_v,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    i_s,
+    S,
+    Dh,
+    scale,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """For the slot tile at ``i_s``: probabilities p and dp = do @ v^T [BLOCK_L, BLOCK_S], and kT."""
+    o_s = i_s + tl.arange(0, BLOCK_S)
+    o_d = tl.arange(0, BLOCK_D)
+    m_s = o_s < S
+    m_kvT = (o_d < Dh)[:, None] & m_s[None, :]
+    b_kT = tl.load(p_k + o_d[:, None] * stride_kd + o_s[None, :] * stride_ks, mask=m_kvT, other=0.0)
+    b_vT = tl.load(p_v + o_d[:, None] * stride_vd + o_s[None, :] * stride_vs, mask=m_kvT, other=0.0)
+    b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+    b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
+    b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return b_p, b_dp, b_kT
+
+
+@triton.jit
 def memory_read_bwd_dq_kernel(
     q,
     k,
     v,
-    o,
     do,
     lse,
     delta,
@@ -136,10 +169,6 @@ def memory_read_bwd_dq_kernel(
     stride_vs,
     stride_vh,
     stride_vd,
-    stride_ob,
-    stride_ol,
-    stride_oh,
-    stride_od,
     stride_dob,
     stride_dol,
     stride_doh,
@@ -159,7 +188,13 @@ def memory_read_bwd_dq_kernel(
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dq: [B, L, H, Dh]; writes delta = rowsum(do * o): [B, H, L]. Grid: (cdiv(L, BLOCK_L), B * H)."""
+    """dq: [B, L, H, Dh]; writes delta = rowsum(p * dp) [B, H, L] for the dk/dv kernel.
+
+    delta is computed from the probabilities, not as rowsum(do * o) from the rounded output: with a
+    float16 o that shortcut doubles the error of the gradients. Memory has few slots, so a single
+    slot tile (the common case) gets it for free; more slots take a first pass over the slots.
+    Grid: (cdiv(L, BLOCK_L), B * H).
+    """
     i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -170,9 +205,6 @@ def memory_read_bwd_dq_kernel(
     p_q = (
         q + i_b * stride_qb + i_h * stride_qh + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd
     )
-    p_o = (
-        o + i_b * stride_ob + i_h * stride_oh + o_l[:, None] * stride_ol + o_d[None, :] * stride_od
-    )
     p_do = (
         do
         + i_b * stride_dob
@@ -182,44 +214,44 @@ def memory_read_bwd_dq_kernel(
     )
     b_q = tl.load(p_q, mask=m_ld, other=0.0)
     b_do = tl.load(p_do, mask=m_ld, other=0.0)
-    b_o = tl.load(p_o, mask=m_ld, other=0.0)
     b_lse = tl.load(lse + i_bh * L + o_l, mask=m_l, other=0.0)
-    b_delta = tl.sum(b_do.to(ACC_DTYPE) * b_o.to(ACC_DTYPE), 1)
-    tl.store(delta + i_bh * L + o_l, b_delta, mask=m_l)
+    p_k = k + i_b * stride_kb + i_h * stride_kh
+    p_v = v + i_b * stride_vb + i_h * stride_vh
 
-    b_dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
-    for i_s in range(0, S, BLOCK_S):
-        o_s = i_s + tl.arange(0, BLOCK_S)
-        m_s = o_s < S
-        m_kvT = m_d[:, None] & m_s[None, :]
-        p_kT = (
-            k
-            + i_b * stride_kb
-            + i_h * stride_kh
-            + o_d[:, None] * stride_kd
-            + o_s[None, :] * stride_ks
-        )
-        p_vT = (
-            v
-            + i_b * stride_vb
-            + i_h * stride_vh
-            + o_d[:, None] * stride_vd
-            + o_s[None, :] * stride_vs
-        )
-        b_kT = tl.load(p_kT, mask=m_kvT, other=0.0)
-        b_vT = tl.load(p_vT, mask=m_kvT, other=0.0)
-        b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
-        b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if S <= BLOCK_S:
+        b_p, b_dp, b_kT = _memory_read_bwd_tile(
+            b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, 0, S, Dh, scale,
+            BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+        b_delta = tl.sum(b_p * b_dp, 1)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = tl.dot(
-            b_ds.to(b_kT.dtype),
-            tl.trans(b_kT),
-            b_dq,
-            input_precision=DOT_PRECISION,
-            out_dtype=ACC_DTYPE,
+            b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
         )
+    else:
+        b_delta = tl.zeros([BLOCK_L], dtype=ACC_DTYPE)
+        for i_s in range(0, S, BLOCK_S):
+            b_p, b_dp, b_kT = _memory_read_bwd_tile(
+                b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
+                BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
+            b_delta += tl.sum(b_p * b_dp, 1)
+        b_dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
+        for i_s in range(0, S, BLOCK_S):
+            b_p, b_dp, b_kT = _memory_read_bwd_tile(
+                b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
+                BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq = tl.dot(
+                b_ds.to(b_kT.dtype),
+                tl.trans(b_kT),
+                b_dq,
+                input_precision=DOT_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
 
+    tl.store(delta + i_bh * L + o_l, b_delta, mask=m_l)
     p_dq = (
         dq
         + i_b * stride_dqb
@@ -435,7 +467,6 @@ def memory_read_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
@@ -451,8 +482,8 @@ def memory_read_bwd(
     cfg = memory_read_config("bwd_dq", q.dtype, S, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_bwd_dq_kernel[grid](
-        q, k, v, o, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
     )  # fmt: skip
 

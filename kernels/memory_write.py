@@ -348,9 +348,11 @@ def memory_write_bwd_dq_kernel(
         + o_d[None, :] * stride_dod
     )
     b_q = tl.load(p_q, mask=m_sd, other=0.0)
-    b_do = tl.load(p_do, mask=m_sd, other=0.0)
+    # do and o come in the accumulation dtype (the output is rounded outside the op, see
+    # memory_write_fwd); the dots take do in the input dtype, where it was exact anyway.
+    b_do = tl.load(p_do, mask=m_sd, other=0.0).to(ACC_DTYPE)
     b_lse = tl.load(lse + i_bh * S + o_s, mask=m_s, other=0.0)
-    b_delta = tl.sum(b_do.to(ACC_DTYPE) * tl.load(p_o, mask=m_sd, other=0.0).to(ACC_DTYPE), 1)
+    b_delta = tl.sum(b_do * tl.load(p_o, mask=m_sd, other=0.0).to(ACC_DTYPE), 1)
 
     b_dq = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
     if i_n == 0:
@@ -371,7 +373,7 @@ def memory_write_bwd_dq_kernel(
         b_ks = tl.load(p_ks, mask=m_sd, other=0.0).to(ACC_DTYPE)
         b_vs = tl.load(p_vs, mask=m_sd, other=0.0).to(ACC_DTYPE)
         b_pself = tl.exp(tl.sum(b_q.to(ACC_DTYPE) * b_ks, 1) * logit_scale - b_lse)
-        b_dsself = b_pself * (tl.sum(b_do.to(ACC_DTYPE) * b_vs, 1) - b_delta)
+        b_dsself = b_pself * (tl.sum(b_do * b_vs, 1) - b_delta)
         p_ds = (
             i_b * stride_dsb
             + i_h * stride_dsh
@@ -385,7 +387,7 @@ def memory_write_bwd_dq_kernel(
         )
         tl.store(
             dv_self + p_ds,
-            (b_pself[:, None] * b_do.to(ACC_DTYPE)).to(dv_self.dtype.element_ty),
+            (b_pself[:, None] * b_do).to(dv_self.dtype.element_ty),
             mask=m_sd,
         )
         tl.store(delta + i_bh * S + o_s, b_delta, mask=m_s)
@@ -419,7 +421,7 @@ def memory_write_bwd_dq_kernel(
         b_vT = tl.load(p_vT, mask=m_dl, other=0.0)
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * logit_scale
         b_p = tl.where(m_l[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        b_dp = tl.dot(b_do.to(b_vT.dtype), b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = tl.dot(
             b_ds.to(b_kT.dtype),
@@ -529,7 +531,7 @@ def memory_write_bwd_dkdv_kernel(
             + o_d[None, :] * stride_dod
         )
         b_qT = tl.load(p_qT, mask=m_d[:, None] & m_s[None, :], other=0.0)
-        b_do = tl.load(p_do, mask=m_s[:, None] & m_d[None, :], other=0.0)
+        b_do = tl.load(p_do, mask=m_s[:, None] & m_d[None, :], other=0.0).to(b_v.dtype)
         b_lse = tl.load(lse + i_bh * S + o_s, mask=m_s, other=0.0)
         b_delta = tl.load(delta + i_bh * S + o_s, mask=m_s, other=0.0)
         # Transposed probabilities [BLOCK_L, BLOCK_S]: tokens are rows here.
@@ -612,8 +614,11 @@ def memory_write_fwd(
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] bool or None
-    (any strides) -> (o [B, S, H, Dh], lse [B, H, S] over the 1 + L entries).
+    (any strides) -> (o [B, S, H, Dh], lse [B, H, S] over the 1 + L entries), both float32.
 
+    The output stays in float32 (float64 for float64 inputs): the caller rounds it to the input
+    dtype, and the backward computes ``delta = rowsum(do * o)`` from the unrounded one (a float16
+    o doubles the error of the gradients; S slots make this output small).
     ``num_splits`` forces how many programs share the token axis (tests).
     """
     B, S, H, Dh = q.shape
@@ -622,7 +627,7 @@ def memory_write_fwd(
     cfg = memory_write_config("fwd", q.dtype, S, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
-    o = torch.empty((B, S, H, Dh), dtype=q.dtype, device=q.device)
+    o = torch.empty((B, S, H, Dh), dtype=acc, device=q.device)
     lse = torch.empty((B, H, S), dtype=acc, device=q.device)
     if splits == 1:
         o_part, m_part, l_part = o[None], lse[None], None
@@ -660,7 +665,8 @@ def memory_write_bwd(
     scale: float,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``.
+    """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``; ``o`` and
+    ``do`` are float32 like the forward's output.
 
     ``num_splits`` forces how many programs share the token axis of the dq reduction (tests).
     """

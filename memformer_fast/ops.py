@@ -120,43 +120,43 @@ def _read_bwd_reference(
 @torch.library.custom_op(
     "memformer_fast::memory_read_bwd",
     mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor lse, float scale) "
     "-> (Tensor, Tensor, Tensor)",
 )
 def memory_read_bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``."""
     if _use_triton(q):
-        return _kernels().memory_read_bwd(do, q, k, v, o, lse, scale)
+        return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
     return _read_bwd_reference(do, q, k, v, lse, scale)
 
 
 @memory_read_bwd.register_kernel("cuda")
 def _(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().memory_read_bwd(do, q, k, v, o, lse, scale)
+    return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
 
 
 @memory_read_bwd.register_fake
 def _(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _read_setup_context(ctx, inputs, output) -> None:
     q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _read_backward(ctx, do: Tensor, _dlse: Tensor):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = memory_read_bwd(do, q, k, v, o, lse, ctx.scale)
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = memory_read_bwd(do, q, k, v, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -199,11 +199,17 @@ def memory_write_fwd(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     """q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] or None
-    -> (o [B, S, H, Dh], lse [B, H, S] float32 over the 1 + L entries)."""
+    -> (o [B, S, H, Dh], lse [B, H, S] over the 1 + L entries), both float32 (float64 for float64).
+
+    The output is not rounded to the input dtype here: the backward needs the exact one (see
+    :func:`memory_write_attention`, which rounds it).
+    """
     if _use_triton(q):
         return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
-    o = reference.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
-    o = o.contiguous()
+    ct = _acc(q.dtype)
+    o = reference.memory_write_attention(
+        q.to(ct), k_self.to(ct), v_self.to(ct), k.to(ct), v.to(ct), token_mask, temperature, scale
+    ).contiguous()
     s_self, s_tok = _write_logits(q, k_self, k, token_mask, scale / temperature)
     lse = torch.logsumexp(torch.cat([s_self[..., None], s_tok], dim=-1), dim=-1)
     return o, lse.transpose(1, 2).contiguous()
@@ -235,9 +241,7 @@ def _(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     B, S, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, S), dtype=_acc(q.dtype)
-    )
+    return q.new_empty(q.shape, dtype=_acc(q.dtype)), q.new_empty((B, H, S), dtype=_acc(q.dtype))
 
 
 @_no_autocast
@@ -505,8 +509,13 @@ def memory_write_attention(
     scale: float,
 ) -> Tensor:
     """Fused memory write (SPEC 2.2): q, k_self, v_self [B, S, H, Dh], k, v [B, L, H, Dh],
-    token_mask [B, L] bool or None -> [B, S, H, Dh]."""
-    return memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)[0]
+    token_mask [B, L] bool or None -> [B, S, H, Dh].
+
+    The op's float32 output is rounded here, outside it, so that its backward sees the unrounded
+    output (a no-op for float32 inputs).
+    """
+    o, _ = memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    return o.to(q.dtype)
 
 
 def gated_memory_update(
