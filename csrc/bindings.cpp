@@ -6,7 +6,8 @@
 // (schema-typed methods, serialisation, a fake class for tracing) would buy nothing here. pybind11
 // gives keyword arguments, properties and __len__, torch.dtype/torch.device conversions, and
 // torch's translation of TORCH_CHECK_INDEX/VALUE/TYPE into IndexError/ValueError/TypeError.
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 casters for Tensor, torch.dtype, torch.device
 #include <torch/version.h>
 
 #include <string>

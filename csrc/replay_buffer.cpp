@@ -1,6 +1,8 @@
 #include "replay_buffer.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -52,7 +54,8 @@ at::Device checked_device(const at::Device& device) {
               " needs CUDA, but memformer_fast._C was built without it; rebuild where CUDA is "
               "present (or with FORCE_CUDA=1): pip install --no-build-isolation -e .");
   const int count = cuda::device_count();
-  TORCH_CHECK(count > 0, "ReplayBuffer: device ", device, " requested, but no CUDA device is visible");
+  TORCH_CHECK(count > 0, "ReplayBuffer: device ", device,
+              " requested, but no CUDA device is visible");
   const c10::DeviceIndex index =
       device.has_index() ? device.index()
                          : c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getDevice().index();
@@ -102,7 +105,9 @@ class HostStorage final : public Storage {
  public:
   explicit HostStorage(at::Tensor data) : data_(std::move(data)) {}
 
-  void write(int64_t index, const at::Tensor& state) override { data_.select(0, index).copy_(state); }
+  void write(int64_t index, const at::Tensor& state) override {
+    data_.select(0, index).copy_(state);
+  }
   at::Tensor read(int64_t index) override { return data_.select(0, index).clone(); }
   int64_t device_bytes() const override { return 0; }
   int64_t host_bytes() const override { return static_cast<int64_t>(data_.nbytes()); }

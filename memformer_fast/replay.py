@@ -8,6 +8,7 @@ how to rebuild, and gives the class its documented, typed Python signature.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,7 @@ def load_extension() -> ModuleType:
             another API version or against another torch; the message says how to rebuild.
     """
     try:
-        from . import _C
+        _C = importlib.import_module(f"{__package__}._C")
     except ImportError as error:
         raise ImportError(
             f"memformer_fast._C (the compiled replay buffer) cannot be imported ({error}); "

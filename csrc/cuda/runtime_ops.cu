@@ -74,7 +74,9 @@ EventHandle event_create() {
   return event;
 }
 
-void event_destroy_noexcept(EventHandle event) noexcept { ignore(cudaEventDestroy(as_event(event))); }
+void event_destroy_noexcept(EventHandle event) noexcept {
+  ignore(cudaEventDestroy(as_event(event)));
+}
 
 void event_record(EventHandle event, StreamHandle stream) {
   check(cudaEventRecord(as_event(event), as_stream(stream)), "cudaEventRecord");
