@@ -2,9 +2,9 @@
 
 Usage: ``python benchmarks/memory_probe.py '<RolloutCase as JSON>'``; prints one JSON line.
 
-The process imports torch, builds the case's model and inputs (:func:`workloads.build`), runs
-the step once to warm up (lazy initialisation, library code paged in on first use), drops the
-gradients, records its resident set (``VmRSS``), resets the kernel's high-water mark (writing
+The process imports torch, warms up on a 2-segment version of the case (lazy initialisation,
+library code paged in on first use), builds the case's model and inputs (:func:`workloads.build`),
+records its resident set (``VmRSS``), resets the kernel's high-water mark (writing
 ``5`` to ``/proc/self/clear_refs``), runs the step again and reads the high-water mark
 (``VmHWM``). The reported ``peak_mb`` is ``VmHWM - VmRSS``: the memory the step added at its peak
 (gradients, activations, replay buffers, temporaries) on top of the interpreter, torch, the model
@@ -15,6 +15,7 @@ a fresh process per case keeps earlier cases out of the measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -26,6 +27,7 @@ from workloads import RolloutCase, build
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+CPU = torch.device("cpu")
 
 
 def status_mb(field: str) -> float:
@@ -39,15 +41,17 @@ def status_mb(field: str) -> float:
 def main(argv: list[str]) -> None:
     apply_thread_setting()
     case = RolloutCase(**json.loads(argv[1]))
-    model, step = build(case, torch.device("cpu"))
-    step()  # warm-up: lazy initialisation and first-touched library code stay out of the peak
-    model.zero_grad(set_to_none=True)
+    # Warm-up on a 2-segment version of the case: lazy initialisation and library code paged in
+    # on first use stay out of the peak.
+    _, warm_up = build(dataclasses.replace(case, segments=min(case.segments, 2)), CPU)
+    warm_up()
+    del _, warm_up
+    _, step = build(case, CPU)
     gc.collect()
     baseline = status_mb("VmRSS")
     CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident set
     step()
     peak = status_mb("VmHWM")
-    del model
     print(
         json.dumps(
             {

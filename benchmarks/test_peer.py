@@ -53,6 +53,6 @@ def test_peer(benchmark: Any, segments: int, method: str) -> None:
     }
     info.update(peak_memory_info(case.spec(), model, step))
     median = run_benchmark(
-        benchmark, step, info, timed_rounds=rounds(cpu=3, cuda=5), warmup_rounds=1
+        benchmark, step, info, timed_rounds=rounds(cpu=2, cuda=5), warmup_rounds=1
     )
     benchmark.extra_info["tokens_per_s"] = case.tokens / median

@@ -1,7 +1,7 @@
 """MRBP against full BPTT and segment-level checkpointing: time and peak memory per rollout.
 
 ``test_rollout``: the encoder-decoder model over T in {4, 16, 64} segments (CUDA: the paper's size,
-batch 8; CPU: ``cpu-small``, batch 4). ``test_table3``: the paper's Table 3 setting, a 12-layer
+batch 8; CPU: ``cpu-small``, batch 2). ``test_table3``: the paper's Table 3 setting, a 12-layer
 "decoder" Memformer (d_model 512, 8 heads, 32 slots) over a horizon of 4 segments, batch 16 (CPU:
 ``cpu-decoder4``, 4 layers of width 128); the paper reports BPTT 16,177 MB x1.00, checkpointing
 9,885 MB x0.48, MRBP 7,229 MB x0.90 (speed relative to BPTT). ``benchmarks/report.py`` turns the
@@ -21,7 +21,7 @@ from workloads import SIZES, RolloutCase, build, parameter_count
 
 METHODS = ("bptt", "checkpoint", "mrbp")
 SEGMENTS = (4, 16, 64)
-ROLLOUT_SIZE, ROLLOUT_BATCH = ("paper", 8) if ON_CUDA else ("cpu-small", 4)
+ROLLOUT_SIZE, ROLLOUT_BATCH = ("paper", 8) if ON_CUDA else ("cpu-small", 2)
 TABLE3_SIZE, TABLE3_BATCH = ("paper-decoder12", 16) if ON_CUDA else ("cpu-decoder4", 4)
 PAPER_TABLE3 = {  # peak MB and speed relative to BPTT, as the paper reports them
     "bptt": (16177, 1.00),
@@ -46,7 +46,7 @@ def _measure(benchmark: Any, case: RolloutCase, suite: str, extra: dict[str, obj
     }
     info.update(peak_memory_info(case.spec(), model, step))
     median = run_benchmark(
-        benchmark, step, info, timed_rounds=rounds(cpu=3, cuda=5), warmup_rounds=1
+        benchmark, step, info, timed_rounds=rounds(cpu=2, cuda=5), warmup_rounds=1
     )
     benchmark.extra_info["tokens_per_s"] = case.tokens / median
 
