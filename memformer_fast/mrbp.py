@@ -19,6 +19,7 @@ pass through the DDP wrapper (see :func:`_synchronize`).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,7 +49,26 @@ def _unwrap(model: nn.Module) -> Memformer:
     inner = getattr(model, "module", model)  # DistributedDataParallel and similar wrappers
     if not isinstance(inner, Memformer):
         raise TypeError(f"model must be a Memformer (or wrap one), got {type(inner).__name__}")
+    if _sharded(model):
+        raise TypeError(
+            "mrbp.backward does not support FSDP (sharded parameters): it drives the model's "
+            "parts outside forward(), where FSDP keeps them sharded. Use DistributedDataParallel, "
+            "or BPTT (sequence_loss) with FSDP; see docs/robustness.md"
+        )
     return inner
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is FSDP-wrapped (FSDP1) or has FSDP2/DTensor-sharded parameters.
+
+    Looked up in ``sys.modules``: a model cannot be sharded by a module nobody imported, and
+    importing FSDP here would cost seconds.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(model, fsdp.FullyShardedDataParallel):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters())
 
 
 def backward(
