@@ -70,5 +70,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "shape", [](const ReplayBuffer& buffer) { return py::tuple(py::cast(buffer.shape())); })
       .def_property_readonly("dtype", &ReplayBuffer::dtype)
       .def_property_readonly("device", &ReplayBuffer::device)
-      .def_property_readonly("offload", &ReplayBuffer::offload);
+      .def_property_readonly("offload", &ReplayBuffer::offload)
+      .def_property_readonly("fetch_misses", &ReplayBuffer::fetch_misses);
 }

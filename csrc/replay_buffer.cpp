@@ -8,9 +8,11 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <sstream>
+#include <tuple>
 #include <utility>
 
 #include "cuda/runtime_ops.h"
@@ -35,6 +37,8 @@ class Storage {
   virtual void forget_all() {}
   virtual int64_t device_bytes() const = 0;
   virtual int64_t host_bytes() const = 0;
+  // Reads that found their entry neither on the device nor on its way there.
+  virtual int64_t fetch_misses() const { return 0; }
 };
 
 namespace {
@@ -208,21 +212,26 @@ class OffloadStorage final : public Storage {
 
   at::Tensor read(int64_t index) override {
     const c10::DeviceGuard guard(device_);
-    ReadSlot& slot = fetch(index);
+    ReadSlot* slot = holding(index);
+    if (slot == nullptr) {
+      ++fetch_misses_;
+      slot = &fetch(index);
+    }
     const cuda::StreamHandle consumer = current_stream(device_);
-    slot.filled.block(consumer);
-    slot.consumed.block(consumer);  // so that `consumed` covers readers on other streams too
-    at::Tensor state = at::empty_like(slot.data);
-    cuda::memcpy_async(state.mutable_data_ptr(), slot.data.const_data_ptr(), state_bytes_,
+    slot->filled.block(consumer);
+    slot->consumed.block(consumer);  // so that `consumed` covers readers on other streams too
+    at::Tensor state = at::empty_like(slot->data);
+    cuda::memcpy_async(state.mutable_data_ptr(), slot->data.const_data_ptr(), state_bytes_,
                        consumer);
-    slot.consumed.record(consumer);
-    slot.last_use = ++clock_;
+    slot->consumed.record(consumer);
+    slot->read = true;
+    slot->last_use = ++clock_;
     return state;
   }
 
   void prefetch(int64_t index) override {
     const c10::DeviceGuard guard(device_);
-    (void)fetch(index);
+    if (holding(index) == nullptr) (void)fetch(index);
   }
 
   void forget(int64_t index) override {
@@ -237,6 +246,7 @@ class OffloadStorage final : public Storage {
 
   int64_t device_bytes() const override { return (kPushSlots + kReadSlots) * state_bytes_; }
   int64_t host_bytes() const override { return static_cast<int64_t>(host_.nbytes()); }
+  int64_t fetch_misses() const override { return fetch_misses_; }
 
  private:
   static constexpr int64_t kPushSlots = 2;  // a push waits only if the side stream is 2 behind
@@ -251,7 +261,8 @@ class OffloadStorage final : public Storage {
   struct ReadSlot {
     at::Tensor data;
     int64_t index = kNone;  // the entry held (or on its way)
-    uint64_t last_use = 0;
+    bool read = false;      // read since it was filled
+    uint64_t last_use = 0;  // when it was last filled or read
     cuda::Event filled;    // the side stream has copied the entry into `data`
     cuda::Event consumed;  // every reader so far has copied `data` out
   };
@@ -260,24 +271,32 @@ class OffloadStorage final : public Storage {
     return static_cast<char*>(host_.data_ptr()) + index * state_bytes_;
   }
 
-  // The read slot holding entry `index`, starting its copy into the least recently used slot if
-  // no slot holds it.
+  ReadSlot* holding(int64_t index) {
+    for (auto& slot : reads_) {
+      if (slot.index == index) return &slot;
+    }
+    return nullptr;
+  }
+
+  // Starts copying entry `index` into a read slot. The victim is a free slot if any, else the
+  // slot read longest ago, and only then the oldest prefetch not read yet: MRBP prefetches t - 1
+  // while t, prefetched a step earlier, is still unread; evicting t would make every read a miss.
   ReadSlot& fetch(int64_t index) {
-    for (auto& slot : reads_) {
-      if (slot.index == index) return slot;
-    }
-    ReadSlot* victim = &reads_[0];
-    for (auto& slot : reads_) {
-      if (slot.last_use < victim->last_use) victim = &slot;
-    }
-    victim->index = kNone;
-    victim->consumed.block(side_.handle());
-    cuda::memcpy_async(victim->data.mutable_data_ptr(), host_entry(index), state_bytes_,
+    const auto rank = [](const ReadSlot& slot) {
+      return std::make_tuple(slot.index != kNone, !slot.read, slot.last_use);
+    };
+    ReadSlot& victim = *std::min_element(
+        reads_.begin(), reads_.end(),
+        [&](const ReadSlot& a, const ReadSlot& b) { return rank(a) < rank(b); });
+    victim.index = kNone;
+    victim.consumed.block(side_.handle());
+    cuda::memcpy_async(victim.data.mutable_data_ptr(), host_entry(index), state_bytes_,
                        side_.handle());
-    victim->filled.record(side_.handle());
-    victim->index = index;
-    victim->last_use = ++clock_;
-    return *victim;
+    victim.filled.record(side_.handle());
+    victim.index = index;
+    victim.read = false;
+    victim.last_use = ++clock_;
+    return victim;
   }
 
   at::Device device_;
@@ -288,6 +307,7 @@ class OffloadStorage final : public Storage {
   std::array<ReadSlot, kReadSlots> reads_;
   int64_t next_push_ = 0;
   uint64_t clock_ = 0;
+  int64_t fetch_misses_ = 0;
 };
 
 std::unique_ptr<Storage> make_storage(int64_t capacity, const std::vector<int64_t>& shape,
@@ -390,6 +410,8 @@ void ReplayBuffer::clear() {
   cleared_ = true;
   storage_->forget_all();
 }
+
+int64_t ReplayBuffer::fetch_misses() const { return storage_->fetch_misses(); }
 
 int64_t ReplayBuffer::nbytes(const std::string& where) const {
   if (where == "device") return storage_->device_bytes();

@@ -42,6 +42,8 @@ class ReplayBuffer {
   int64_t size() const noexcept { return size_; }
   // Bytes the buffer holds in device or host memory (`where` is "device" or "host").
   int64_t nbytes(const std::string& where) const;
+  // Offload: reads whose entry was neither prefetched nor cached, so they waited for a copy.
+  int64_t fetch_misses() const;
 
   int64_t capacity() const noexcept { return capacity_; }
   const std::vector<int64_t>& shape() const noexcept { return shape_; }

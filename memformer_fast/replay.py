@@ -62,7 +62,7 @@ def load_extension() -> ModuleType:
         )
     if _version_triple(_C.TORCH_VERSION) != _version_triple(torch.__version__):
         problems.append(f"it was built for torch {_C.TORCH_VERSION}, running {torch.__version__}")
-    stale = _stale_sources(Path(_C.__file__))
+    stale = _stale_sources(Path(_C.__file__)) if _C.__file__ else []
     if stale:
         problems.append(f"these sources changed after it was built: {', '.join(stale)}")
     if problems:
@@ -174,6 +174,13 @@ class ReplayBuffer:
     @property
     def offload(self) -> bool:
         return self._impl.offload
+
+    @property
+    def fetch_misses(self) -> int:
+        """With offload on CUDA: reads whose entry had not been prefetched, so they waited for
+        its host-to-device copy (0 otherwise). MRBP's get(t) / prefetch(t - 1) walk makes none
+        after the first read."""
+        return self._impl.fetch_misses
 
 
 def build_info() -> dict[str, Any]:

@@ -253,6 +253,7 @@ def test_properties_and_repr():
     buffer = ReplayBuffer(4, [2, 3], torch.bfloat16, torch.device("cpu"), offload=True)
     assert buffer.capacity == 4 and buffer.shape == (2, 3) and buffer.dtype == torch.bfloat16
     assert buffer.device == torch.device("cpu") and buffer.offload is True
+    assert buffer.fetch_misses == 0  # host storage: nothing to fetch
     assert repr(buffer) == (
         "ReplayBuffer(len=0, capacity=4, shape=(2, 3), dtype=torch.bfloat16, device=cpu, "
         "offload=True)"
@@ -393,6 +394,7 @@ def test_mrbp_gradients_identical_with_offload(device, arch, buffers_made):
     offloaded, actual = mrbp_gradients(model, ids, offload=True)
     assert [b.offload for b in buffers_made] == [False, True]
     assert all(isinstance(b._impl, memformer_fast._C.ReplayBuffer) for b in buffers_made)
+    assert buffers_made[1].fetch_misses <= 1  # MRBP's prefetches arrive before its reads
     assert expected.keys() == actual.keys() and expected
     if device == "cpu":  # same kernels, same order: bit for bit
         assert torch.equal(plain.loss, offloaded.loss)
@@ -454,6 +456,7 @@ class TestCuda:
         for t in range(num):
             assert torch.equal(got[t], expected[t]), t
             assert buffer.rng_seed(t) == t
+        assert buffer.fetch_misses == 1  # only the first read: every later one was prefetched
 
     @staticmethod
     def peak_device_bytes(num: int, offload: bool, shape=(4, 32, 256)) -> int:
