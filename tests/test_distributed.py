@@ -124,8 +124,31 @@ def _worker(rank: int, port: int, out: str) -> None:
     mrbp.backward(ddp, second)  # DDP is still healthy afterwards
     results["nan"] = (errors, before, unchanged, grads(net))
 
+    results["fsdp"] = _fsdp_scenario(first)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _fsdp_scenario(ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], str] | None:
+    """FSDP2: BPTT through ``sequence_loss`` registered as a forward method; MRBP refuses."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch < 2.6
+        return None
+    net = make_model("decoder")
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in net.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    register_fsdp_forward_method(net, "sequence_loss")
+    net.sequence_loss(ids)[0].backward()
+    full = {n: p.grad.full_tensor() for n, p in net.named_parameters() if p.grad is not None}
+    try:
+        mrbp.backward(net, ids)
+    except TypeError as error:
+        return full, str(error)
+    return full, ""
 
 
 def free_port() -> int:
@@ -208,3 +231,14 @@ def test_ddp_non_finite_on_one_rank_raises_on_every_rank(ranks: list[dict]) -> N
         for name in before:
             assert torch.equal(before[name], unchanged[name]), name
         assert_close(after, bptt_grads("decoder", [first, second]))
+
+
+@pytest.mark.slow
+def test_fsdp2_bptt_works_and_mrbp_refuses_it(ranks: list[dict]) -> None:
+    if ranks[0]["fsdp"] is None:
+        pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
+    first, _ = batches()
+    for result in ranks:
+        full, error = result["fsdp"]
+        assert_close(full, bptt_grads("decoder", [first]))
+        assert "mrbp.backward does not support FSDP" in error
