@@ -23,5 +23,9 @@ lint:
 test: install lint
 	$(PYTHON) -m pytest -q
 
+# The peer (lucidrains' memformer) declares only torch and einops: --no-deps keeps our torch.
 bench: install
-	$(PYTHON) -m pytest benchmarks/ --benchmark-only
+	$(PIP) install -q --no-deps "memformer==0.3.1" "einops>=0.3"
+	MEMFORMER_BENCH_THREADS=1 $(PYTHON) -m pytest benchmarks/ --benchmark-only \
+		--benchmark-json=benchmarks/results/cpu/cpu.json
+	$(PYTHON) benchmarks/report.py benchmarks/results/cpu/cpu.json
