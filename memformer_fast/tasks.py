@@ -1,0 +1,529 @@
+"""The long-range recall task behind ``memformer-fast demo``, its evaluation and the demo itself.
+
+A sequence is ``T`` segments of ``L`` tokens. A key (one of ``num_keys`` tokens) sits at a random
+position of the first segment, every other token is a random distractor, and the sequence ends
+with a query token whose answer is the key. Only the answer is scored. Seen from the last segment
+alone the key is unknowable, so a model whose memory is reset at every segment can only guess
+(``1 / num_keys``); a model that remembers recalls it.
+
+The demo trains a small decoder Memformer on this task with :func:`memformer_fast.mrbp.backward`,
+compares it on held-out sequences with the same model with its memory reset, measures the
+throughput and the peak memory of one MRBP step against one full-BPTT step, and plots the
+learning curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import mrbp
+from .config import MemformerConfig
+from .model import IGNORE_INDEX, Memformer
+
+QUERY_TOKEN = 1  # token 0 is the model's BOS and never appears in a sequence
+FIRST_KEY = 2
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Token layout of the recall task: ``[BOS, QUERY, keys..., distractors...]``."""
+
+    segment_length: int = 16
+    num_keys: int = 16
+    num_distractors: int = 32
+
+    def __post_init__(self) -> None:
+        if self.segment_length < 2:
+            raise ValueError(f"segment_length must be >= 2, got {self.segment_length}")
+        if self.num_keys < 2 or self.num_distractors < 1:
+            raise ValueError("the recall task needs num_keys >= 2 and num_distractors >= 1")
+
+    @property
+    def vocab_size(self) -> int:
+        return FIRST_KEY + self.num_keys + self.num_distractors
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of a guess: what a model without memory can reach."""
+        return 1.0 / self.num_keys
+
+    def sample(
+        self,
+        batch_size: int,
+        num_segments: int,
+        *,
+        key_copies: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids [B, T*L], labels [B, T*L], keys [B])`` on the CPU.
+
+        The key fills ``key_copies`` random positions of the first segment (more copies make an
+        easier task: the curriculum starts there). ``labels`` are -100 except the last position,
+        whose label is the key: the query (second to last token) predicts it.
+        """
+        L = self.segment_length
+        if num_segments < 2:
+            raise ValueError(f"num_segments must be >= 2, got {num_segments}")
+        if not 1 <= key_copies <= L:
+            raise ValueError(f"key_copies must be in [1, {L}], got {key_copies}")
+        first_distractor = FIRST_KEY + self.num_keys
+        ids = torch.randint(
+            first_distractor, self.vocab_size, (batch_size, num_segments * L), generator=generator
+        )
+        keys = torch.randint(FIRST_KEY, first_distractor, (batch_size,), generator=generator)
+        positions = torch.rand(batch_size, L, generator=generator).argsort(dim=1)[:, :key_copies]
+        ids[:, :L].scatter_(1, positions, keys[:, None].expand(-1, key_copies))
+        ids[:, -2] = QUERY_TOKEN
+        ids[:, -1] = keys
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -1] = keys
+        return ids, labels, keys
+
+
+@torch.no_grad()
+def recall_accuracy(
+    model: Memformer,
+    input_ids: Tensor,
+    keys: Tensor,
+    *,
+    reset_memory: bool = False,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of sequences whose query the model answers with the key (greedy).
+
+    ``reset_memory=True`` gives every segment the initial memory: the last segment, which holds the
+    query, then sees no trace of the first, so only its own forward pass is needed.
+    """
+    was_training = model.training
+    model.eval()
+    L = model.config.segment_length
+    correct = 0
+    try:
+        for ids, key in zip(input_ids.split(batch_size), keys.split(batch_size)):
+            ids = ids.to(model.device)
+            segments = ids.split(L, dim=1)
+            memory = None
+            if not reset_memory:
+                memory = model.init_memory(len(ids))
+                for segment in segments[:-1]:
+                    _, memory = model.read_segment(segment, memory)
+            logits = model(segments[-1], memory=memory).logits
+            assert logits is not None
+            correct += int((logits[:, -2].argmax(-1).cpu() == key).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(input_ids)
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A curriculum stage: ``steps`` updates on rollouts of ``num_segments`` segments."""
+
+    num_segments: int
+    key_copies: int
+    steps: int
+
+
+def curriculum(num_segments: int, segment_length: int, steps_per_stage: int) -> list[Stage]:
+    """Easy to hard: two segments with the key repeated over the first (a strong signal finds the
+    write path), then a single key, then the rollout doubled up to ``num_segments``.
+
+    A single key among distractors from the start did not learn in 400 steps; this curriculum
+    reaches 100% on 8 segments in about 500.
+    """
+    n = steps_per_stage
+    stages = [Stage(2, segment_length, n), Stage(2, max(1, segment_length // 4), n)]
+    stages.append(Stage(2, 1, n))
+    t = 4
+    while t < num_segments:
+        stages.append(Stage(t, 1, n))
+        t *= 2
+    if num_segments > 2:
+        stages.append(Stage(num_segments, 1, 2 * n))
+    else:
+        stages[-1] = Stage(2, 1, 2 * n)
+    return stages
+
+
+SIZES: dict[str, dict[str, int]] = {
+    # ~0.1M parameters; the default: 8 segments, a few minutes on 2 CPU cores.
+    "small": dict(
+        d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2, n_memory_slots=8, segment_length=16
+    ),
+    # ~0.8M parameters, 32 segments of 32 tokens: minutes on a GPU, long on a CPU.
+    "large": dict(
+        d_model=128, n_heads=4, d_ff=512, n_decoder_layers=4, n_memory_slots=16, segment_length=32
+    ),
+}
+DEFAULT_SEGMENTS = {"small": 8, "large": 32}
+
+
+@dataclass
+class DemoOptions:
+    """Settings of :func:`run_demo` (the CLI's ``demo`` flags)."""
+
+    size: str = "small"
+    segments: int | None = None  # default: DEFAULT_SEGMENTS[size]
+    batch_size: int = 32
+    steps_per_stage: int = 80
+    lr: float = 3e-3
+    eval_sequences: int = 512
+    eval_every: int = 40
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    measure_memory: bool = True
+    out_dir: str | None = "runs/demo"
+
+    @property
+    def num_segments(self) -> int:
+        return self.segments if self.segments is not None else DEFAULT_SEGMENTS[self.size]
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured; :meth:`table` formats it."""
+
+    options: DemoOptions
+    num_parameters: int
+    accuracy: float
+    reset_accuracy: float
+    chance: float
+    train_tokens_per_s: float
+    eval_tokens_per_s: float
+    train_seconds: float
+    memory_mb: dict[str, float]  # "mrbp@T" / "bptt@T" -> MiB
+    memory_what: str
+    backend: str
+    device: str
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    plot_path: str | None = None
+
+    def table(self) -> str:
+        o = self.options
+        T, L, B = o.num_segments, SIZES[o.size]["segment_length"], o.batch_size
+        rows = [
+            ("task", f"recall a key from segment 1 of {T} ({T * L} tokens, {L} per segment)"),
+            ("model", f"{o.size}: {self.num_parameters / 1e6:.2f}M parameters, decoder"),
+            ("accuracy, with memory", f"{self.accuracy:6.1%}"),
+            ("accuracy, memory reset", f"{self.reset_accuracy:6.1%}"),
+            ("chance level", f"{self.chance:6.1%}"),
+            ("held-out sequences", f"{o.eval_sequences}"),
+            ("train throughput (MRBP)", f"{self.train_tokens_per_s:,.0f} tokens/s"),
+            ("eval throughput", f"{self.eval_tokens_per_s:,.0f} tokens/s"),
+            ("train time", f"{self.train_seconds:.0f} s"),
+        ]
+        if self.memory_mb:
+            for t in sorted({int(k.split("@")[1]) for k in self.memory_mb}):
+                mrbp_mb, bptt_mb = self.memory_mb[f"mrbp@{t}"], self.memory_mb[f"bptt@{t}"]
+                rows.append(
+                    (
+                        f"peak memory at T={t}" + (" (this run)" if t == T else ""),
+                        f"MRBP {mrbp_mb:6.1f} MiB   BPTT {bptt_mb:6.1f} MiB   "
+                        f"({bptt_mb / max(mrbp_mb, 1e-9):.1f}x)",
+                    )
+                )
+            rows.append(("  measured as", f"{self.memory_what}, B={B}"))
+        rows += [("backend, device", f"{self.backend}, {self.device}")]
+        if self.plot_path:
+            rows.append(("learning curves", self.plot_path))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def build_model(options: DemoOptions, task: RecallTask) -> Memformer:
+    dims = dict(SIZES[options.size])
+    cfg = MemformerConfig(
+        vocab_size=task.vocab_size, architecture="decoder", backend=options.backend, **dims
+    )
+    return Memformer(cfg).to(options.device)
+
+
+def run_demo(
+    options: DemoOptions, log: Callable[[str], None] = print, progress: bool = True
+) -> DemoReport:
+    """Train with MRBP along the curriculum, evaluate, measure memory, plot; return the report."""
+    from tqdm.auto import tqdm
+
+    L = SIZES[options.size]["segment_length"]
+    T = options.num_segments
+    if T < 2:
+        raise ValueError(f"--segments must be >= 2, got {T}")
+    task = RecallTask(segment_length=L)
+    torch.manual_seed(options.seed)
+    model = build_model(options, task)
+    device = model.device
+    opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
+    train_gen = torch.Generator().manual_seed(options.seed)
+    # Held-out sequences come from another stream than the training ones.
+    eval_gen = torch.Generator().manual_seed(options.seed + 1_000_003)
+    stages = curriculum(T, L, options.steps_per_stage)
+    total = sum(s.steps for s in stages)
+    curve: dict[str, list[float]] = {"loss": [], "eval_step": [], "eval_acc": [], "stage_start": []}
+    probe = {
+        t: task.sample(128, t, generator=torch.Generator().manual_seed(options.seed + 7 + t))
+        for t in {s.num_segments for s in stages}
+    }
+    step = 0
+    train_seconds = 0.0
+    final_tokens = final_seconds = 0.0
+    bar = tqdm(total=total, desc="demo", unit="step", disable=not progress, leave=False)
+    for stage in stages:
+        curve["stage_start"].append(step)
+        for _ in range(stage.steps):
+            ids, labels, _ = task.sample(
+                options.batch_size,
+                stage.num_segments,
+                key_copies=stage.key_copies,
+                generator=train_gen,
+            )
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            result = mrbp.backward(model, ids.to(device), labels=labels.to(device))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss = float(result.loss)
+            elapsed = time.perf_counter() - start
+            train_seconds += elapsed
+            if stage.num_segments == T:
+                final_tokens += ids.numel()
+                final_seconds += elapsed
+            step += 1
+            curve["loss"].append(loss)
+            if step % options.eval_every == 0 or step == total:
+                p_ids, _, p_keys = probe[stage.num_segments]
+                curve["eval_step"].append(step)
+                curve["eval_acc"].append(recall_accuracy(model, p_ids, p_keys))
+            bar.update(1)
+            bar.set_postfix(T=stage.num_segments, loss=f"{loss:.3f}", acc=curve["eval_acc"][-1:])
+    bar.close()
+
+    ids, _, keys = task.sample(options.eval_sequences, T, generator=eval_gen)
+    start = time.perf_counter()
+    accuracy = recall_accuracy(model, ids, keys)
+    eval_seconds = time.perf_counter() - start
+    reset_accuracy = recall_accuracy(model, ids, keys, reset_memory=True)
+
+    memory: dict[str, float] = {}
+    what = ""
+    if options.measure_memory:
+        log("measuring the peak memory of MRBP and BPTT steps in fresh processes...")
+        config = _config_dict(model.config)
+        for method in ("mrbp", "bptt"):
+            for t in (T, 4 * T):  # 4T shows the trend: MRBP flat, BPTT linear
+                m = measure_peak_memory(
+                    method=method,
+                    config=config,
+                    batch_size=options.batch_size,
+                    num_segments=t,
+                    device=str(device),
+                    seed=options.seed,
+                )
+                memory[f"{method}@{t}"], what = m["peak_mb"], m["what"]
+
+    report = DemoReport(
+        options=options,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        accuracy=accuracy,
+        reset_accuracy=reset_accuracy,
+        chance=task.chance,
+        train_tokens_per_s=final_tokens / max(final_seconds, 1e-9),
+        eval_tokens_per_s=ids.numel() / max(eval_seconds, 1e-9),
+        train_seconds=train_seconds,
+        memory_mb=memory,
+        memory_what=what,
+        backend=_backend_name(model),
+        device=_device_name(device),
+        curve=curve,
+    )
+    if options.out_dir:
+        out = Path(options.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.plot_path = str(plot_curves(report, out / "learning_curves.png"))
+        summary = {k: v for k, v in asdict(report).items() if k != "curve"}
+        (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+def _backend_name(model: Memformer) -> str:
+    from .functional import resolve_backend
+
+    return resolve_backend(model.config.backend, model.device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _config_dict(config: MemformerConfig) -> dict:
+    d = asdict(config)
+    d["memory_dtype"] = str(config.memory_dtype).removeprefix("torch.")
+    return d
+
+
+def plot_curves(report: DemoReport, path: Path) -> Path:
+    """Training loss and held-out-probe accuracy against steps, curriculum stages shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report.curve
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = range(1, len(curve["loss"]) + 1)
+    ax_loss.plot(steps, curve["loss"], lw=0.6, alpha=0.4, color="C0")
+    window = 20
+    if len(curve["loss"]) >= window:
+        smooth = torch.tensor(curve["loss"]).unfold(0, window, 1).mean(1).tolist()
+        ax_loss.plot(range(window, len(curve["loss"]) + 1), smooth, color="C0", label="loss")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy of the answer", yscale="log")
+    ax_loss.set_title("MRBP training loss")
+    ax_acc.plot(curve["eval_step"], curve["eval_acc"], "o-", ms=3, label="with memory")
+    ax_acc.axhline(report.chance, ls="--", color="gray", label="chance (memory reset)")
+    ax_acc.set(xlabel="step", ylabel="recall accuracy", ylim=(0, 1.02))
+    ax_acc.set_title("Recall on held-out probes (current rollout length)")
+    stages = curriculum(
+        report.options.num_segments,
+        SIZES[report.options.size]["segment_length"],
+        report.options.steps_per_stage,
+    )
+    for ax in (ax_loss, ax_acc):
+        for i, (start, stage) in enumerate(zip(curve["stage_start"], stages)):
+            if i % 2:
+                ax.axvspan(start, start + stage.steps, color="gray", alpha=0.08, lw=0)
+            label = f"T={stage.num_segments}" + (
+                f"\n×{stage.key_copies}" if stage.key_copies > 1 else ""
+            )
+            ax.text(start + 2, 0.02, label, transform=ax.get_xaxis_transform(), fontsize=7)
+    ax_acc.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------ peak memory probes
+
+
+def measure_peak_memory(
+    *, method: str, config: dict, batch_size: int, num_segments: int, device: str, seed: int = 0
+) -> dict:
+    """Peak memory of one training step (``method`` "mrbp" or "bptt"), in a fresh process.
+
+    A fresh process makes the measurement independent of whatever ran before. On CUDA it is
+    ``torch.cuda.max_memory_allocated`` above the memory allocated before the step; on CPU the
+    growth of the peak resident set size (VmHWM, reset just before the step) over the RSS at that
+    point, after building the model and warm-up steps on a short rollout.
+    """
+    args = json.dumps(
+        dict(
+            method=method,
+            config=config,
+            batch_size=batch_size,
+            num_segments=num_segments,
+            device=device,
+            seed=seed,
+        )
+    )
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = "import sys; from memformer_fast.tasks import _memory_probe; _memory_probe(sys.argv[1])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory probe failed:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak-RSS mark where Linux allows it and return the RSS to measure from.
+
+    ``ru_maxrss`` alone would be wrong here: Linux carries it over ``exec`` from the parent, so a
+    child of a large process starts with the parent's peak and a small step shows no growth.
+    ``/proc/self/status`` VmHWM belongs to this process's own address space.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        rss = _proc_status_bytes("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return _peak_rss()
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def _memory_probe(raw: str) -> None:
+    """Child side of :func:`measure_peak_memory`: prints one JSON line."""
+    args = json.loads(raw)
+    cfg = dict(args["config"])
+    cfg["memory_dtype"] = getattr(torch, cfg["memory_dtype"])
+    torch.manual_seed(args["seed"])
+    device = torch.device(args["device"])
+    model = Memformer(MemformerConfig(**cfg)).to(device)
+    task = RecallTask(segment_length=model.config.segment_length)
+    ids, labels, _ = task.sample(args["batch_size"], args["num_segments"])
+    ids, labels = ids.to(device), labels.to(device)
+    # Warm-up: one MRBP and one BPTT step on two segments of one sequence. Lazy initialisation
+    # (autograd engine, kernel workspaces, .grad tensors) is not the rollout's cost, and a batch
+    # of one leaves too little in the allocator's caches to hide the step's own allocations.
+    L = model.config.segment_length
+    mrbp.backward(model, ids[:1, : 2 * L], labels=labels[:1, -2 * L :])
+    model.sequence_loss(ids[:1, : 2 * L], labels=labels[:1, -2 * L :])[0].backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _reset_peak_rss()
+    if args["method"] == "mrbp":
+        mrbp.backward(model, ids, labels=labels)
+    else:
+        loss, _ = model.sequence_loss(ids, labels=labels)
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        what = "torch.cuda.max_memory_allocated of one step, fresh process"
+    else:
+        peak = (_peak_rss() - base) / 2**20
+        what = "growth of the peak RSS during one step, fresh process"
+    print(json.dumps({"peak_mb": peak, "what": what}))
