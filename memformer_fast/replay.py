@@ -101,7 +101,7 @@ class ReplayBuffer:
         offload: bool = False,
     ) -> None:
         self._impl = load_extension().ReplayBuffer(
-            capacity, tuple(shape), dtype, torch.device(device), offload
+            capacity, tuple(shape), dtype, torch.device(device), bool(offload)
         )
 
     def push(self, state: Tensor, rng_seed: int = 0) -> int:
