@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 
 Row = dict[str, Any]
 OP_BACKENDS = ("reference", "compile", "triton", "sdpa")
-ROLLOUT_METHODS = ("bptt", "checkpoint", "mrbp")
+ROLLOUT_METHODS = ("bptt", "checkpoint", "mrbp", "mrbp-offload")
 PEER_METHODS = ("peer-mrbp", "mrbp-last", "mrbp")
 PEER_LABELS = {
     "peer-mrbp": "lucidrains memformer 0.3.1, its MRBP (last segment scored)",
@@ -265,15 +265,17 @@ def rollouts_section(rows: list[Row], out: Path) -> str | None:
             str(r["segments"]),
             r["method"],
             fmt(r["median_ms"]),
-            f"x{fmt(r['speed'], 2)}",
+            f"x{fmt(r['speed'], 2)}" if r["speed"] is not None else "-",
             fmt(r.get("peak_mb")),
-            f"x{fmt(r['memory_ratio'], 2)}",
+            f"x{fmt(r['memory_ratio'], 2)}" if r["memory_ratio"] is not None else "-",
         ]
         for r in rows
     ]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method in ROLLOUT_METHODS:
         mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
         ts = [r["segments"] for r in mine]
         ax_mem.plot(ts, [r.get("peak_mb") or 0 for r in mine], "o-", label=method)
         ax_time.plot(ts, [r["median_ms"] for r in mine], "o-", label=method)

@@ -1,7 +1,8 @@
 """MRBP against full BPTT and segment-level checkpointing: time and peak memory per rollout.
 
 ``test_rollout``: the encoder-decoder model over T in {4, 16, 64} segments (CUDA: the paper's size,
-batch 8; CPU: ``cpu-small``, batch 2). ``test_table3``: the paper's Table 3 setting, a 12-layer
+batch 8, also T = 256 and MRBP with the replay buffer offloaded to pinned host memory; CPU:
+``cpu-small``, batch 2). ``test_table3``: the paper's Table 3 setting, a 12-layer
 "decoder" Memformer (d_model 512, 8 heads, 32 slots) over a horizon of 4 segments, batch 16 (CPU:
 ``cpu-decoder4``, 4 layers of width 128); the paper reports BPTT 16,177 MB x1.00, checkpointing
 9,885 MB x0.48, MRBP 7,229 MB x0.90 (speed relative to BPTT). ``benchmarks/report.py`` turns the
@@ -21,6 +22,12 @@ from workloads import SIZES, RolloutCase, build, parameter_count
 
 METHODS = ("bptt", "checkpoint", "mrbp")
 SEGMENTS = (4, 16, 64)
+# On CUDA: MRBP with an offloaded replay buffer, and T = 256 for the two MRBP variants only (BPTT
+# and checkpointing hold O(T) state there).
+ROLLOUT_CASES = [(t, m) for t in SEGMENTS for m in METHODS]
+if ON_CUDA:
+    ROLLOUT_CASES += [(t, "mrbp-offload") for t in SEGMENTS]
+    ROLLOUT_CASES += [(256, "mrbp"), (256, "mrbp-offload")]
 ROLLOUT_SIZE, ROLLOUT_BATCH = ("paper", 8) if ON_CUDA else ("cpu-small", 2)
 TABLE3_SIZE, TABLE3_BATCH = ("paper-decoder12", 16) if ON_CUDA else ("cpu-decoder4", 4)
 PAPER_TABLE3 = {  # peak MB and speed relative to BPTT, as the paper reports them
@@ -51,8 +58,7 @@ def _measure(benchmark: Any, case: RolloutCase, suite: str, extra: dict[str, obj
     benchmark.extra_info["tokens_per_s"] = case.tokens / median
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("segments", SEGMENTS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize(("segments", "method"), ROLLOUT_CASES, ids=lambda c: str(c))
 def test_rollout(benchmark: Any, segments: int, method: str) -> None:
     benchmark.group = f"rollout {ROLLOUT_SIZE} T={segments}"
     case = RolloutCase(ROLLOUT_SIZE, method, segments, ROLLOUT_BATCH)

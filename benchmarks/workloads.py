@@ -72,9 +72,10 @@ SIZES: dict[str, dict[str, object]] = {
 #   checkpoint  the same loss, each segment wrapped in torch.utils.checkpoint (only M_t is kept,
 #               the segment is recomputed during the backward);
 #   mrbp        memformer_fast.mrbp.backward (every later segment predicted, the full objective);
+#   mrbp-offload  the same with the replay buffer in pinned host memory (CUDA);
 #   mrbp-last   mrbp.backward with only the last segment scored: the peer's task;
 #   peer-mrbp   lucidrains' memformer 0.3.1 and its memory_replay_backprop (last segment scored).
-METHODS = ("bptt", "checkpoint", "mrbp", "mrbp-last", "peer-mrbp")
+METHODS = ("bptt", "checkpoint", "mrbp", "mrbp-offload", "mrbp-last", "peer-mrbp")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def build(case: RolloutCase, device: torch.device) -> tuple[nn.Module, Callable[
         return model, lambda: checkpointed_backward(model, ids)
     if case.method == "mrbp":
         return model, lambda: _discard(mrbp.backward(model, ids))
+    if case.method == "mrbp-offload":
+        return model, lambda: _discard(mrbp.backward(model, ids, offload=True))
     labels = ids.clone()
     labels[:, : -case.segment_length] = IGNORE_INDEX
     return model, lambda: _discard(mrbp.backward(model, ids, labels=labels))
