@@ -107,6 +107,9 @@ def backward(
     """
     net = _unwrap(model)
     ddp = model if isinstance(model, DistributedDataParallel) else None
+    for name, flag in (("offload", offload), ("preserve_rng", preserve_rng)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     rollout = net.plan_rollout(input_ids, attention_mask, labels)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
     memory_in = net._check_memory(memory, batch_size) if memory is not None else None
