@@ -67,10 +67,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     first, second = (b[rows] for b in batches())
     results: dict[str, object] = {}
     for arch in ("decoder", "encoder-decoder"):
-        for bucket_view in (False, True):
+        for bucket_view in (False, True):  # with find_unused_parameters=bucket_view, too
             key = f"{arch}/bucket_view={bucket_view}"
             net = make_model(arch)
-            ddp = DDP(net, gradient_as_bucket_view=bucket_view)
+            ddp = DDP(net, gradient_as_bucket_view=bucket_view, find_unused_parameters=bucket_view)
             calls = [0]
 
             def counting_hook(state, bucket, calls=calls):
