@@ -76,6 +76,8 @@ class RotarySelfAttention(nn.Module):
     ``forward(x: [B, L, D], mask: [B | 1, 1, L, L] bool or None) -> [B, L, D]``
     """
 
+    inv_freq: Tensor
+
     def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -120,9 +122,9 @@ class CrossAttention(nn.Module):
         k, v = (
             _split_heads(t, self.n_heads).transpose(1, 2) for t in self.kv(context).chunk(2, -1)
         )
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        if mask is not None:  # a batch row with no real context token attends to all of it
-            mask = mask | ~context_mask.any(-1)[:, None, None, None]
+        mask = None
+        if context_mask is not None:  # a batch row with no real context token attends to all of it
+            mask = context_mask[:, None, None, :] | ~context_mask.any(-1)[:, None, None, None]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(o.transpose(1, 2).flatten(2))
 
