@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -159,10 +160,16 @@ def free_port() -> int:
 
 def run_ranks(out: Path) -> None:
     """Spawn the ranks and wait for them, killing them if they run past ``TIMEOUT_S`` (a hang)."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # children inherit it: loopback only
-    context = mp.start_processes(
-        _worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
+    saved = os.environ.get("GLOO_SOCKET_IFNAME")
+    if sys.platform == "linux" and saved is None:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the children inherit it: loopback only
+    try:
+        context = mp.start_processes(
+            _worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
