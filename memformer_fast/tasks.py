@@ -213,7 +213,7 @@ class DemoReport:
     curve: dict[str, list[float]] = field(default_factory=dict)
     plot_path: str | None = None
 
-    def table(self) -> str:
+    def table(self, extra: list[tuple[str, str]] | None = None) -> str:
         o = self.options
         T, L, B = o.num_segments, SIZES[o.size]["segment_length"], o.batch_size
         rows = [
@@ -241,6 +241,7 @@ class DemoReport:
         rows += [("backend, device", f"{self.backend}, {self.device}")]
         if self.plot_path:
             rows.append(("learning curves", self.plot_path))
+        rows += extra or []
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

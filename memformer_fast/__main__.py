@@ -1,0 +1,7 @@
+"""``python -m memformer_fast``: the ``memformer-fast`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

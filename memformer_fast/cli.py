@@ -1,0 +1,412 @@
+"""``memformer-fast`` (also ``python -m memformer_fast``): demo, train, generate, info.
+
+A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
+turns a :class:`~memformer_fast.training.UserError` into a one-line message with exit status 2,
+and a Ctrl-C into status 130 (after ``train`` has saved a resumable checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .training import CHECKPOINT_NAME, UserError
+
+PROG = "memformer-fast"
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (try --device cpu)")
+    return name
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .tasks import DemoOptions, run_demo
+
+    device = _device(args.device)
+    # The small model's operations are too small to split across threads: one thread is faster
+    # and does not fight other processes for the cores.
+    threads = args.threads or (1 if device == "cpu" and args.size == "small" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    options = DemoOptions(
+        size=args.size,
+        segments=args.segments,
+        batch_size=args.batch_size,
+        steps_per_stage=args.steps_per_stage,
+        seed=args.seed,
+        device=device,
+        backend=args.backend,
+        measure_memory=not args.no_memory_probe,
+        out_dir=args.out,
+    )
+    if options.num_segments < 2:
+        raise UserError(f"--segments must be >= 2, got {options.num_segments}")
+    print(
+        f"{PROG} demo: train a Memformer with MRBP to recall a key across "
+        f"{options.num_segments} segments (seed {args.seed}, {device})",
+        flush=True,
+    )
+    start = time.perf_counter()
+    report = run_demo(options, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    print(report.table(extra=[("wall time (all of the above)", f"{wall:.0f} s")]))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- train
+
+# The model of a new `train` run, as MemformerConfig fields; d_ff defaults to 4 * d_model.
+DEFAULT_MODEL: dict[str, object] = dict(
+    architecture="decoder",
+    d_model=256,
+    n_heads=4,
+    n_decoder_layers=4,
+    n_encoder_layers=4,
+    n_memory_slots=16,
+    segment_length=64,
+    dropout=0.0,
+    backend="auto",
+)
+# Model flags -> config fields. Their argparse default is None ("not given"), so a resumed run can
+# tell a conflicting flag from a default.
+MODEL_FLAGS = {
+    "architecture": ("architecture",),
+    "d_model": ("d_model",),
+    "n_heads": ("n_heads",),
+    "layers": ("n_decoder_layers", "n_encoder_layers"),
+    "d_ff": ("d_ff",),
+    "slots": ("n_memory_slots",),
+    "segment_length": ("segment_length",),
+    "dropout": ("dropout",),
+    "backend": ("backend",),
+}
+SETTING_FLAGS = (
+    "batch_size",
+    "segments",
+    "steps",
+    "lr",
+    "warmup_steps",
+    "eval_every",
+    "eval_bytes",
+    "save_every",
+    "val_fraction",
+    "seed",
+)
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The explicitly given model flags as :class:`MemformerConfig` fields."""
+    fields: dict[str, object] = {}
+    for flag, names in MODEL_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            fields.update(dict.fromkeys(names, value))
+    return fields
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import MemformerConfig
+    from .training import (
+        VOCAB_SIZE,
+        ByteData,
+        Trainer,
+        TrainSettings,
+        corpus_files,
+        load_checkpoint,
+        load_corpus,
+        resumed_config,
+        resumed_settings,
+    )
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / CHECKPOINT_NAME
+    overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
+    model_fields = _model_overrides(args)
+    files = corpus_files(args.data, args.glob)
+    corpus = load_corpus(args.data, args.glob, args.max_bytes)
+    if args.resume:
+        ckpt = load_checkpoint(path)
+        config = resumed_config(ckpt, model_fields)
+        settings = resumed_settings(ckpt, overrides)
+    else:
+        if path.exists():
+            raise UserError(
+                f"{path} exists: pass --resume to continue that run, or choose another --out"
+            )
+        fields = {**DEFAULT_MODEL, **model_fields}
+        fields.setdefault("d_ff", 4 * int(fields["d_model"]))  # type: ignore[call-overload]
+        try:
+            config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        settings = TrainSettings(**overrides)
+    data = ByteData.from_bytes(
+        corpus, settings.segments * config.segment_length, settings.val_fraction
+    )
+    if args.resume:
+        trainer = Trainer.resume(ckpt, data, settings, device)
+    else:
+        trainer = Trainer.create(config, data, settings, device)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print(
+        f"{PROG} train: {len(files)} file(s), {len(corpus):,} bytes "
+        f"({len(data.train):,} train, {len(data.val):,} held out); {n_params / 1e6:.2f}M "
+        f"parameters, {config.architecture}; rollout {settings.segments} x "
+        f"{config.segment_length} bytes, batch {settings.batch_size}; {device}"
+        + (f"; resuming at step {trainer.step}" if args.resume else ""),
+        flush=True,
+    )
+    if trainer.step >= settings.steps:
+        print(f"already at step {trainer.step} >= --steps {settings.steps}: nothing to do")
+        return 0
+    status = trainer.train(path, progress=not args.no_progress)
+    if status == "interrupted":
+        print(
+            f"\ninterrupted: saved step {trainer.step} to {path}; continue with the same "
+            "command plus --resume",
+            file=sys.stderr,
+        )
+        return 130
+    last = trainer.history[-1] if trainer.history else None
+    summary = f", held-out {last['bits_per_byte']:.3f} bits/byte" if last else ""
+    print(f"done: step {trainer.step}{summary}; checkpoint {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .training import load_model, stream_bytes
+
+    if args.max_bytes < 0:
+        raise UserError(f"--max-bytes must be >= 0, got {args.max_bytes}")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    model = load_model(args.checkpoint, _device(args.device))
+    prompt = args.prompt.encode()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    top_k = args.top_k if args.top_k > 0 else None
+    for byte in stream_bytes(model, prompt, args.max_bytes, args.temperature, top_k, args.seed):
+        text = decoder.decode(bytes([byte]))
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import functional, replay
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    rows = [
+        ("memformer_fast", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", triton_version),
+        ("platform", platform.platform()),
+        ("cpu", f"{os.cpu_count()} cores, torch uses {torch.get_num_threads()}"),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append(
+                (f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+            )
+        rows.append(("cuda runtime", str(torch.version.cuda)))
+    else:
+        rows.append(("cuda", "not available"))
+    triton_ok = functional.triton_available()
+    kernels = (
+        "available (CUDA)"
+        if triton_ok and torch.cuda.is_available()
+        else "available (CPU interpreter, TRITON_INTERPRET=1)"
+        if triton_ok and functional.interpreter_enabled()
+        else "installed; needs CUDA (or TRITON_INTERPRET=1)"
+        if triton_ok
+        else "not available (pip install triton)"
+    )
+    auto = functional.resolve_backend("auto", torch.device(_device("auto")))
+    rows += [
+        ("backend reference", "available"),
+        ("backend triton", kernels),
+        ("backend auto ->", auto),
+    ]
+    build_info = getattr(replay, "build_info", None)
+    if build_info is None:
+        rows.append(("extension _C", "not available (this version has no build_info)"))
+    else:
+        info = build_info()
+        if info.get("extension_built"):
+            cuda = (
+                "with CUDA " + ",".join(info.get("cuda_archs") or [])
+                if info.get("with_cuda")
+                else "CPU only"
+            )
+            rows.append(("extension _C", f"built, {cuda}"))
+        else:
+            rows.append(("extension _C", f"not built: {info.get('extension_error')}"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Memformer (memory-augmented Transformer) trained with Memory Replay "
+        "Back-Propagation.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="long-range recall: train with MRBP, compare with the memory reset (a few minutes)",
+        description="Train a small Memformer with MRBP to recall a key seen many segments "
+        "earlier; compare it on held-out sequences with the same model with its memory reset; "
+        "report throughput and the peak memory of MRBP vs full BPTT; plot the learning curves.",
+    )
+    demo.add_argument(
+        "--size",
+        choices=("small", "large"),
+        default="small",
+        help="small: 8 segments, minutes on 2 CPU cores; large: a wider, deeper "
+        "model on 32 segments of 32 tokens (a GPU is advised)",
+    )
+    demo.add_argument("--segments", type=int, help="segments per sequence (default 8 / 32)")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument(
+        "--steps-per-stage",
+        type=int,
+        default=80,
+        help="updates per curriculum stage (the last stage gets twice as many)",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    demo.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    demo.add_argument("--threads", type=int, help="CPU threads (default: 1 for --size small)")
+    demo.add_argument("--out", default="runs/demo", help="folder for the plot and report.json")
+    demo.add_argument(
+        "--no-memory-probe",
+        action="store_true",
+        help="skip measuring the peak memory of MRBP vs BPTT",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train a byte-level language model on a text file or folder",
+        description="Train a byte-level Memformer language model with MRBP. Evaluates bits per "
+        "byte on a held-out split, saves OUT/checkpoint.pt periodically and on Ctrl-C; "
+        "--resume continues exactly where it stopped.",
+    )
+    train.add_argument("data", help="a text file, or a folder (its text files, recursively)")
+    train.add_argument("--glob", help="only files whose name matches, e.g. '*.py'")
+    train.add_argument("--max-bytes", type=int, help="read at most this many bytes")
+    train.add_argument("--out", default="runs/train", help="folder of checkpoint.pt")
+    train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    g = train.add_argument_group("model (fixed once a run has started)")
+    g.add_argument("--architecture", choices=("decoder", "encoder-decoder"))
+    g.add_argument("--d-model", type=int, help=f"width (default {DEFAULT_MODEL['d_model']})")
+    g.add_argument("--n-heads", type=int, help=f"default {DEFAULT_MODEL['n_heads']}")
+    g.add_argument(
+        "--layers", type=int, help=f"layers (default {DEFAULT_MODEL['n_decoder_layers']})"
+    )
+    g.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x --d-model)")
+    g.add_argument(
+        "--slots", type=int, help=f"memory slots (default {DEFAULT_MODEL['n_memory_slots']})"
+    )
+    g.add_argument(
+        "--segment-length",
+        type=int,
+        help=f"bytes per segment (default {DEFAULT_MODEL['segment_length']})",
+    )
+    g.add_argument("--dropout", type=float, help="default 0")
+    g.add_argument("--backend", choices=("auto", "reference", "triton"))
+    t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
+    t.add_argument("--batch-size", type=int, help="parallel streams (default 16)")
+    t.add_argument("--segments", type=int, help="segments per MRBP rollout (default 4)")
+    t.add_argument("--steps", type=int, help="total updates (default 1000)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup-steps", type=int, help="default 100")
+    t.add_argument("--eval-every", type=int, help="default 200")
+    t.add_argument("--eval-bytes", type=int, help="held-out bytes per evaluation (default 64K)")
+    t.add_argument("--save-every", type=int, help="default 200")
+    t.add_argument("--val-fraction", type=float, help="held-out share (default 0.05)")
+    t.add_argument("--seed", type=int, help="default 0")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream text from a checkpoint",
+        description="Print the bytes a trained model generates after a prompt, as they come, in "
+        "constant memory however long the output.",
+    )
+    gen.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
+    gen.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    gen.add_argument("--max-bytes", type=int, default=500)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="versions, devices, backends and the compiled extension")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``memformer-fast``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

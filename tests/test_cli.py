@@ -1,0 +1,297 @@
+"""The command line (``memformer-fast``), the recall task of its demo and the byte-LM trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memformer_fast import Memformer, MemformerConfig, mrbp
+from memformer_fast.cli import main
+from memformer_fast.tasks import (
+    FIRST_KEY,
+    QUERY_TOKEN,
+    RecallTask,
+    curriculum,
+    recall_accuracy,
+)
+from memformer_fast.training import (
+    VOCAB_SIZE,
+    ByteData,
+    Trainer,
+    TrainSettings,
+    load_checkpoint,
+    resumed_settings,
+)
+
+TEXT = "".join(
+    f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(400)
+).encode()
+TINY = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4"]
+TINY += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """These models are tiny: a second thread only adds contention on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(TEXT)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------ the recall task
+
+
+def test_recall_task_layout() -> None:
+    task = RecallTask(segment_length=8, num_keys=5, num_distractors=7)
+    ids, labels, keys = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == (64, 24) and keys.shape == (64,)
+    assert task.vocab_size == FIRST_KEY + 12 and task.chance == pytest.approx(0.2)
+    is_key = (ids >= FIRST_KEY) & (ids < FIRST_KEY + 5)
+    # The key appears key_copies times in the first segment, nowhere else but as the answer.
+    assert (is_key[:, :8].sum(1) == 2).all()
+    assert (ids[:, :8].where(is_key[:, :8], 0).amax(1) == keys).all()
+    assert not is_key[:, 8:-1].any()
+    assert (ids[:, -2] == QUERY_TOKEN).all() and (ids[:, -1] == keys).all()
+    assert (labels[:, :-1] == -100).all() and (labels[:, -1] == keys).all()
+    assert ids.min() >= 1 and ids.max() < task.vocab_size  # token 0 is BOS, never in a sequence
+    again, _, _ = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+    with pytest.raises(ValueError, match="num_segments"):
+        task.sample(2, 1)
+
+
+def test_curriculum_ends_on_the_target() -> None:
+    stages = curriculum(8, 16, 10)
+    assert stages[0].num_segments == 2 and stages[0].key_copies == 16
+    assert [s.num_segments for s in stages if s.key_copies == 1] == [2, 4, 8]
+    assert stages[-1].steps == 20
+    assert curriculum(2, 16, 10)[-1].num_segments == 2
+
+
+def test_recall_accuracy_matches_a_manual_evaluation() -> None:
+    torch.manual_seed(0)
+    task = RecallTask(segment_length=8)
+    cfg = MemformerConfig(
+        vocab_size=task.vocab_size, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
+        n_memory_slots=4, segment_length=8, architecture="decoder", backend="reference",
+    )  # fmt: skip
+    model = Memformer(cfg)
+    ids, _, keys = task.sample(40, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        memory, reset = None, None
+        for segment in ids.split(8, dim=1):
+            out = model(segment, memory=memory)
+            memory = out.memory
+            reset = model(segment).logits  # fresh memory at every segment
+    expected = (out.logits[:, -2].argmax(-1) == keys).float().mean().item()
+    expected_reset = (reset[:, -2].argmax(-1) == keys).float().mean().item()
+    assert recall_accuracy(model, ids, keys, batch_size=16) == pytest.approx(expected)
+    assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
+    assert model.training  # restored
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A tiny seeded demo: the memory model recalls, the reset model guesses."""
+    code, out, _ = run(
+        capsys, "demo", "--segments", "4", "--steps-per-stage", "40", "--out", str(tmp_path),
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] >= 0.8, out
+    assert report["reset_accuracy"] <= report["chance"] + 0.1
+    assert report["accuracy"] - report["reset_accuracy"] >= 0.5
+    # MRBP's memory is flat in the rollout length, BPTT's grows with it.
+    mem = report["memory_mb"]
+    assert mem["bptt@16"] > 2 * mem["mrbp@16"] and mem["bptt@16"] > 2 * mem["bptt@4"]
+    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+    for label in ("accuracy, with memory", "memory reset", "chance level", "tokens/s", "MRBP"):
+        assert label in out
+
+
+# ------------------------------------------------------------------------------ train, generate
+
+
+def test_train_then_generate(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "run"
+    code, out, err = run(
+        capsys, "train", str(corpus), "--out", str(out_dir), *TINY, "--steps", "4",
+        "--eval-every", "2", "--eval-bytes", "256",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "held-out" in out and "bits/byte" in out
+    ckpt = load_checkpoint(out_dir)
+    assert ckpt["step"] == 4 and ckpt["memory"].shape == (4, 4, 32)
+    assert [h["step"] for h in ckpt["history"]] == [2, 4]
+    # Resume to a larger --steps.
+    code, out, err = run(capsys, "train", str(corpus), "--out", str(out_dir), "--resume",
+                         "--steps", "5", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "resuming at step 4" in out and load_checkpoint(out_dir)["step"] == 5
+
+    code, out, err = run(capsys, "generate", str(out_dir), "--prompt", "def ", "--max-bytes", "40")
+    assert code == 0, err
+    assert out.startswith("def ") and len(out.encode("utf-8", "replace")) >= 4 + 20
+    code, greedy1, _ = run(capsys, "generate", str(out_dir / "checkpoint.pt"), "--temperature",
+                           "0", "--max-bytes", "20")  # fmt: skip
+    code, greedy2, _ = run(capsys, "generate", str(out_dir), "--temperature", "0",
+                           "--max-bytes", "20")  # fmt: skip
+    assert code == 0 and greedy1 == greedy2
+
+
+def _trainer(steps: int, seed: int = 0) -> Trainer:
+    cfg = MemformerConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
+        n_memory_slots=4, segment_length=16, architecture="decoder", backend="reference",
+        dropout=0.1,
+    )  # fmt: skip
+    settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
+                             eval_bytes=128, save_every=100, seed=seed)  # fmt: skip
+    data = ByteData.from_bytes(TEXT[:6000], 48, settings.val_fraction)
+    return Trainer.create(cfg, data, settings)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c mid-step", "ctrl-c before the update", "shorter run"])
+def test_resume_equals_an_uninterrupted_run(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train N steps, or stop after k and resume to N: the same parameters, optimizer state,
+    memory and random state (dropout is on, so the random state matters)."""
+    n, k = 7, 3
+    reference = _trainer(n)
+    assert reference.train(progress=False) == "done"
+
+    path = tmp_path / "checkpoint.pt"
+    first = _trainer(k if how == "shorter run" else n)
+    if how != "shorter run":
+        real_backward = mrbp.backward
+        calls = []
+
+        def interrupting_backward(*args, **kwargs):
+            calls.append(1)
+            if how == "ctrl-c mid-step" and len(calls) == k + 1:
+                raise KeyboardInterrupt  # Ctrl-C inside the step: it is not committed
+            result = real_backward(*args, **kwargs)
+            if how == "ctrl-c before the update" and len(calls) == k:
+                torch.randn(3)  # whatever ran after the step must not leak into the checkpoint
+                raise KeyboardInterrupt
+            return result
+
+        monkeypatch.setattr(mrbp, "backward", interrupting_backward)
+        assert first.train(path, progress=False) == "interrupted"
+        monkeypatch.setattr(mrbp, "backward", real_backward)
+        expected_step = k if how == "ctrl-c mid-step" else k - 1
+    else:
+        assert first.train(path, progress=False) == "done"
+        expected_step = k
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == expected_step
+    torch.manual_seed(1234)  # the resumed run must not depend on the process's random state
+    resumed = Trainer.resume(ckpt, first.data, resumed_settings(ckpt, {"steps": n}))
+    assert resumed.train(progress=False) == "done"
+
+    assert resumed.step == reference.step == n
+    for (name, a), b in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+    assert torch.equal(reference.memory, resumed.memory)
+    sa, sb = reference.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert torch.equal(reference.rng_state["torch"], resumed.rng_state["torch"])
+    # A shorter first run evaluates at its last step too: one more entry in the history.
+    assert all(entry in resumed.history for entry in reference.history)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "train", str(tmp_path / "missing.txt"), *TINY)
+    _assert_clean_error(code, err, "no such file", "missing.txt")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    code, _, err = run(capsys, "train", str(empty), *TINY)
+    _assert_clean_error(code, err, "empty")
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "data.bin").write_bytes(b"\0\1\2")
+    code, _, err = run(capsys, "train", str(folder), *TINY)
+    _assert_clean_error(code, err, "no text files")
+
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"too short")
+    code, _, err = run(capsys, "train", str(small), *TINY)
+    _assert_clean_error(code, err, "needs at least")
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    code, _, err = run(capsys, "generate", str(bad))
+    _assert_clean_error(code, err, "not a readable checkpoint")
+    torch.save({"weights": torch.zeros(2)}, bad)
+    code, _, err = run(capsys, "generate", str(bad))
+    _assert_clean_error(code, err, "not a memformer-fast checkpoint")
+    code, _, err = run(capsys, "generate", str(tmp_path / "nowhere"))
+    _assert_clean_error(code, err, "no checkpoint")
+
+    out_dir = tmp_path / "run"
+    args = ["train", str(corpus), "--out", str(out_dir), *TINY, "--steps", "1"]
+    assert run(capsys, *args)[0] == 0
+    before = (out_dir / "checkpoint.pt").read_bytes()
+    code, _, err = run(capsys, *args)  # would overwrite the run
+    _assert_clean_error(code, err, "exists", "--resume")
+    code, _, err = run(capsys, *args, "--resume", "--d-model", "64")
+    _assert_clean_error(code, err, "d_model=32", "not 64")
+    code, _, err = run(capsys, *args, "--resume", "--batch-size", "8")
+    _assert_clean_error(code, err, "--batch-size 4", "not 8")
+    other = tmp_path / "other.txt"
+    other.write_bytes(TEXT[::-1])
+    code, _, err = run(capsys, "train", str(other), "--out", str(out_dir), "--resume")
+    _assert_clean_error(code, err, "other data")
+    assert (out_dir / "checkpoint.pt").read_bytes() == before  # nothing lost
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(before[: len(before) // 2])
+    code, _, err = run(capsys, "generate", str(truncated))
+    _assert_clean_error(code, err, "corrupt or truncated")
+
+
+def test_info_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    for label in ("torch", "triton", "python", "backend reference", "backend triton", "_C"):
+        assert label in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bogus"])
+    assert exit_info.value.code == 2
