@@ -366,14 +366,10 @@ class Memformer(nn.Module):
         counts = [0 if t is None else int((t != IGNORE_INDEX).sum()) for t in step_labels]
         targets = [t if n > 0 else None for t, n in zip(step_labels, counts)]
         if sum(counts) == 0:
-            raise ValueError(
-                "the rollout has no token to predict: every label is ignored"
-                + (
-                    " (the encoder-decoder model needs at least two segments)"
-                    if self.is_encoder_decoder
-                    else ""
-                )
-            )
+            reason = "every label is ignored or padded"
+            if self.is_encoder_decoder and len(ids) < 2:
+                reason = "the encoder-decoder model predicts segment t + 1: it needs two segments"
+            raise ValueError(f"the rollout has no token to predict: {reason}")
         active = self.training and self.config.dropout > 0
         seed = randomness.draw_rollout_seed() if active else None
         return Rollout(ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed)

@@ -68,6 +68,7 @@ def memory_write_attention(
     logits_tok = torch.einsum("bshd,blhd->bshl", q, k) * logit_scale  # [B, S, H, L]
     if token_mask is not None:
         logits_tok = logits_tok.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+        v = v.masked_fill(~token_mask[:, :, None, None], 0.0)  # a padded value never leaks (NaN)
     # The self logit is always finite, so the softmax never sees a row of -inf only.
     probs = torch.softmax(torch.cat([logits_self, logits_tok], dim=-1), dim=-1)
     o = probs[..., :1] * v_self + torch.einsum("bshl,blhd->bshd", probs[..., 1:], v)
