@@ -20,7 +20,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -323,18 +323,14 @@ def run_demo(
     what = ""
     if options.measure_memory:
         log("measuring the peak memory of MRBP and BPTT steps in fresh processes...")
-        config = _config_dict(model.config)
-        for method in ("mrbp", "bptt"):
-            for t in (T, 4 * T):  # 4T shows the trend: MRBP flat, BPTT linear
-                m = measure_peak_memory(
-                    method=method,
-                    config=config,
-                    batch_size=options.batch_size,
-                    num_segments=t,
-                    device=str(device),
-                    seed=options.seed,
-                )
-                memory[f"{method}@{t}"], what = m["peak_mb"], m["what"]
+        # 4T shows the trend: MRBP flat, BPTT linear in the rollout length.
+        runs = [(method, t) for method in ("mrbp", "bptt") for t in (T, 4 * T)]
+        measured = measure_peak_memory(
+            runs, config=_config_dict(model.config), batch_size=options.batch_size,
+            device=str(device), seed=options.seed,
+        )  # fmt: skip
+        memory = {name: m["peak_mb"] for name, m in measured.items()}
+        what = next(iter(measured.values()))["what"]
 
     report = DemoReport(
         options=options,
@@ -423,35 +419,36 @@ def plot_curves(report: DemoReport, path: Path) -> Path:
 
 
 def measure_peak_memory(
-    *, method: str, config: dict, batch_size: int, num_segments: int, device: str, seed: int = 0
-) -> dict:
-    """Peak memory of one training step (``method`` "mrbp" or "bptt"), in a fresh process.
+    runs: Sequence[tuple[str, int]], *, config: dict, batch_size: int, device: str, seed: int = 0
+) -> dict[str, dict]:
+    """Peak memory of one training step for each ``(method, num_segments)`` of ``runs``
+    (``method`` "mrbp" or "bptt"), each in a fresh process; all run at once.
 
-    A fresh process makes the measurement independent of whatever ran before. On CUDA it is
-    ``torch.cuda.max_memory_allocated`` above the memory allocated before the step; on CPU the
-    growth of the peak resident set size (VmHWM, reset just before the step) over the RSS at that
-    point, after building the model and warm-up steps on a short rollout.
+    Returns ``{"method@T": {"peak_mb": ..., "what": ...}}``. A fresh process makes a measurement
+    independent of whatever ran before. On CUDA it is ``torch.cuda.max_memory_allocated`` above
+    the memory allocated before the step; on CPU the growth of the peak resident set size (VmHWM,
+    reset just before the step) over the RSS at that point. Both after building the model and
+    warm-up steps on a short rollout.
     """
-    args = json.dumps(
-        dict(
-            method=method,
-            config=config,
-            batch_size=batch_size,
-            num_segments=num_segments,
-            device=device,
-            seed=seed,
-        )
-    )
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "import sys; from memformer_fast.tasks import _memory_probe; _memory_probe(sys.argv[1])"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, args], capture_output=True, text=True, env=env, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the memory probe failed:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = {}
+    for method, num_segments in runs:
+        args = dict(method=method, config=config, batch_size=batch_size,
+                    num_segments=num_segments, device=device, seed=seed)  # fmt: skip
+        procs[f"{method}@{num_segments}"] = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the memory probe {name} failed:\n{err.strip()}")
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -498,6 +495,7 @@ def _memory_probe(raw: str) -> None:
     cfg = dict(args["config"])
     cfg["memory_dtype"] = getattr(torch, cfg["memory_dtype"])
     torch.manual_seed(args["seed"])
+    torch.set_num_threads(1)  # several probes run at once; threads do not change the memory
     device = torch.device(args["device"])
     model = Memformer(MemformerConfig(**cfg)).to(device)
     task = RecallTask(segment_length=model.config.segment_length)

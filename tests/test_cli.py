@@ -111,7 +111,8 @@ def test_recall_accuracy_matches_a_manual_evaluation() -> None:
 def test_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A tiny seeded demo: the memory model recalls, the reset model guesses."""
     code, out, _ = run(
-        capsys, "demo", "--segments", "4", "--steps-per-stage", "40", "--out", str(tmp_path),
+        capsys, "demo", "--segments", "4", "--steps-per-stage", "40", "--batch-size", "16",
+        "--out", str(tmp_path),
         "--no-progress",
     )  # fmt: skip
     assert code == 0, out
