@@ -305,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         choices=("small", "large"),
         default="small",
-        help="small: 8 segments, minutes on 2 CPU cores; large: a wider, deeper "
+        help="small: 16 segments, about two minutes on 2 CPU cores; large: a wider, deeper "
         "model on 32 segments of 32 tokens (a GPU is advised)",
     )
-    demo.add_argument("--segments", type=int, help="segments per sequence (default 8 / 32)")
+    demo.add_argument("--segments", type=int, help="segments per sequence (default 16 / 32)")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument(
         "--steps-per-stage",
