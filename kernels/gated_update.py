@@ -19,7 +19,7 @@ import triton.language as tl
 from .utils import acc_dtype, is_interpreter, split_reduction
 
 # The width of a slot is one tile: keeps the norm a single in-register reduction.
-MAX_WIDTH = 16384
+MAX_WIDTH = 2048
 
 
 @triton.jit
@@ -176,18 +176,25 @@ def gated_update_bwd_kernel(
 
 
 def gated_update_config(kernel: str, D: int) -> dict[str, int]:
-    """Tiles and launch options of ``kernel`` ("fwd" or "bwd"): about 4K elements per tile."""
+    """Tiles and launch options of ``kernel`` ("fwd" or "bwd").
+
+    A program holds whole slots (2048 elements in the forward, 1024 in the backward, which keeps
+    about eight tiles live per batch item) spread over enough warps that each thread owns at most
+    eight elements of a tile: no register spills up to ``MAX_WIDTH`` (checked ahead of time in CI).
+    """
     if D > MAX_WIDTH:
         raise ValueError(f"gated_memory_update kernels support a width D <= {MAX_WIDTH}, got {D}")
     BLOCK_D = triton.next_power_of_2(D)
-    rows = max(1, 4096 // BLOCK_D)
+    elements = 2048 if kernel == "fwd" else 1024
+    rows = max(1, elements // BLOCK_D)
     if is_interpreter():
         return {"BLOCK_R" if kernel == "fwd" else "BLOCK_S": min(rows, 4), "BLOCK_D": BLOCK_D}
-    num_warps = 4 if BLOCK_D <= 1024 else 8 if BLOCK_D <= 4096 else 16
-    if kernel == "fwd":
-        return {"BLOCK_R": rows, "BLOCK_D": BLOCK_D, "num_warps": num_warps}
-    # The backward keeps seven tiles live per batch item: half the rows keeps them in registers.
-    return {"BLOCK_S": max(1, rows // 2), "BLOCK_D": BLOCK_D, "num_warps": num_warps}
+    num_warps = max(4, min(16, rows * BLOCK_D // (256 if kernel == "fwd" else 128)))
+    return {
+        "BLOCK_R" if kernel == "fwd" else "BLOCK_S": rows,
+        "BLOCK_D": BLOCK_D,
+        "num_warps": num_warps,
+    }
 
 
 def gated_update_fwd(

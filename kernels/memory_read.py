@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_tile, is_interpreter, kernel_dtype_args, split_reduction
+from .utils import MAX_HEAD_DIM, dot_tile, is_interpreter, kernel_dtype_args, split_reduction
 
 
 @triton.jit
@@ -395,43 +395,33 @@ def memory_read_bwd_dkdv_kernel(
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_sd)
 
 
-def memory_read_config(kernel: str, dtype: torch.dtype, S: int, Dh: int) -> dict[str, int]:
+# (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
+# Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
+# with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
+_CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
+    ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)},
+    ("fwd", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
+    ("bwd_dq", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)},
+    ("bwd_dq", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dkdv", 16): {16: (64, 64, 8), 32: (32, 64, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
+    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 16, 4), 64: (32, 32, 8), 128: (32, 32, 8)},
+}
+
+
+def memory_read_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
     """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv").
 
-    The slot tile follows ``S`` (16, 32 or 64) because Memformer's memories are small; the query
-    tile shrinks with the head dimension and for 4-byte inputs to bound registers and shared memory.
+    One configuration per (kernel, element size, padded head dim), from ``_CONFIGS`` (bfloat16
+    shares float16's); the interpreter takes small tiles so tiny test shapes cross tile borders.
     """
+    if Dh > MAX_HEAD_DIM:
+        raise ValueError(
+            f"memory_read_attention kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}"
+        )
     BLOCK_D = dot_tile(Dh)
-    if Dh > 256:
-        raise ValueError(f"memory_read_attention kernels support head_dim <= 256, got {Dh}")
     if is_interpreter():
-        # Small tiles so tiny test shapes still cross tile borders.
         return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
-    wide = dtype.itemsize > 2 or BLOCK_D > 64
-    BLOCK_S = min(64 if BLOCK_D <= 128 else 32, dot_tile(S))
-    if kernel == "fwd":
-        BLOCK_L = 64 if wide and BLOCK_D >= 128 else 128
-        num_warps = 8 if BLOCK_D >= 128 or (BLOCK_L == 128 and dtype.itemsize > 2) else 4
-        return {
-            "BLOCK_L": BLOCK_L,
-            "BLOCK_S": BLOCK_S,
-            "BLOCK_D": BLOCK_D,
-            "num_warps": num_warps,
-            "num_stages": 2,
-        }
-    if kernel == "bwd_dq":
-        BLOCK_L = 64 if wide else 128
-        num_warps = 8 if BLOCK_D >= 128 else 4
-        return {
-            "BLOCK_L": BLOCK_L,
-            "BLOCK_S": BLOCK_S,
-            "BLOCK_D": BLOCK_D,
-            "num_warps": num_warps,
-            "num_stages": 2,
-        }
-    # bwd_dkdv: a block of slots stays resident while the queries stream past.
-    BLOCK_L = 32 if BLOCK_D > 128 else 64
-    num_warps = 8 if BLOCK_D >= 128 else 4
+    BLOCK_L, BLOCK_S, num_warps = _CONFIGS[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
     return {
         "BLOCK_L": BLOCK_L,
         "BLOCK_S": BLOCK_S,
@@ -453,7 +443,7 @@ def memory_read_fwd(
         dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
         device=q.device,
     )
-    cfg = memory_read_config("fwd", q.dtype, S, Dh)
+    cfg = memory_read_config("fwd", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -479,7 +469,7 @@ def memory_read_bwd(
     S = k.shape[1]
     dq = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
     delta = torch.empty_like(lse)
-    cfg = memory_read_config("bwd_dq", q.dtype, S, Dh)
+    cfg = memory_read_config("bwd_dq", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq,
@@ -487,7 +477,7 @@ def memory_read_bwd(
         H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
     )  # fmt: skip
 
-    cfg = memory_read_config("bwd_dkdv", q.dtype, S, Dh)
+    cfg = memory_read_config("bwd_dkdv", q.dtype, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
     if splits == 1:

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_tile, is_interpreter, kernel_dtype_args, split_reduction
+from .utils import MAX_HEAD_DIM, dot_tile, is_interpreter, kernel_dtype_args, split_reduction
 
 
 @triton.jit
@@ -557,37 +557,38 @@ def memory_write_bwd_dkdv_kernel(
     tl.store(dv + p_dk, b_dv.to(dv.dtype.element_ty), mask=m_ld)
 
 
-def memory_write_config(kernel: str, dtype: torch.dtype, S: int, Dh: int) -> dict[str, int]:
+# (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
+# Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
+# with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
+_CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
+    ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)},
+    ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dq", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8)},
+    ("bwd_dq", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dkdv", 16): {16: (128, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8), 128: (64, 32, 8)},
+    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8)},
+}
+
+
+def memory_write_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
     """Tiles and launch options of ``kernel`` ("fwd", "fwd_combine", "bwd_dq" or "bwd_dkdv").
 
-    The slot tile follows ``S`` (16, 32 or 64); the token tile is what streams.
+    One configuration per (kernel, element size, padded head dim), from ``_CONFIGS`` (bfloat16
+    shares float16's); the interpreter takes small tiles so tiny test shapes cross tile borders.
     """
+    if Dh > MAX_HEAD_DIM:
+        raise ValueError(
+            f"memory_write_attention kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}"
+        )
     BLOCK_D = dot_tile(Dh)
-    if Dh > 256:
-        raise ValueError(f"memory_write_attention kernels support head_dim <= 256, got {Dh}")
     if kernel == "fwd_combine":
         return {"BLOCK_S": 16, "BLOCK_D": BLOCK_D} | ({} if is_interpreter() else {"num_warps": 4})
     if is_interpreter():
-        # Small tiles so tiny test shapes still cross tile borders.
-        return {"BLOCK_S": 16, "BLOCK_L": 16, "BLOCK_D": BLOCK_D}
-    BLOCK_S = min(64, dot_tile(S))
-    wide = dtype.itemsize > 2 or BLOCK_D > 64
-    num_warps = 8 if BLOCK_D >= 128 else 4
-    if kernel in ("fwd", "bwd_dq"):
-        BLOCK_L = 32 if BLOCK_D > 128 or (wide and BLOCK_S == 64) else 64
-        num_stages = 3 if kernel == "fwd" and not wide else 2
-        return {
-            "BLOCK_S": BLOCK_S,
-            "BLOCK_L": BLOCK_L,
-            "BLOCK_D": BLOCK_D,
-            "num_warps": num_warps,
-            "num_stages": num_stages,
-        }
-    # bwd_dkdv: a block of tokens stays resident while the slots stream past.
-    BLOCK_L = 64 if wide else 128
+        return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
+    BLOCK_L, BLOCK_S, num_warps = _CONFIGS[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
     return {
-        "BLOCK_S": BLOCK_S,
         "BLOCK_L": BLOCK_L,
+        "BLOCK_S": BLOCK_S,
         "BLOCK_D": BLOCK_D,
         "num_warps": num_warps,
         "num_stages": 2,
@@ -624,7 +625,7 @@ def memory_write_fwd(
     B, S, H, Dh = q.shape
     L = k.shape[1]
     acc = _acc_torch_dtype(q.dtype)
-    cfg = memory_write_config("fwd", q.dtype, S, Dh)
+    cfg = memory_write_config("fwd", q.dtype, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
     o = torch.empty((B, S, H, Dh), dtype=acc, device=q.device)
@@ -643,7 +644,7 @@ def memory_write_fwd(
         HAS_MASK=token_mask is not None, SPLIT=splits > 1, **cfg, **kernel_dtype_args(q.dtype),
     )  # fmt: skip
     if splits > 1:
-        cfg = memory_write_config("fwd_combine", q.dtype, S, Dh)
+        cfg = memory_write_config("fwd_combine", q.dtype, Dh)
         memory_write_fwd_combine_kernel[(triton.cdiv(S, cfg["BLOCK_S"]), B * H)](
             o_part, m_part, l_part, o, lse, *o_part.stride(), *o.stride(), m_part.stride(0),
             H, S, Dh, splits, **cfg, ACC_DTYPE=kernel_dtype_args(q.dtype)["ACC_DTYPE"],
@@ -677,7 +678,7 @@ def memory_write_bwd(
     dk_self = torch.empty((B, S, H, Dh), dtype=q.dtype, device=q.device)
     dv_self = torch.empty_like(dk_self)
     delta = torch.empty_like(lse)
-    cfg = memory_write_config("bwd_dq", q.dtype, S, Dh)
+    cfg = memory_write_config("bwd_dq", q.dtype, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
     dq = torch.empty(
@@ -697,7 +698,7 @@ def memory_write_bwd(
 
     dk = torch.empty((B, L, H, Dh), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
-    cfg = memory_write_config("bwd_dkdv", q.dtype, S, Dh)
+    cfg = memory_write_config("bwd_dkdv", q.dtype, Dh)
     memory_write_bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_L"]), B * H)](
         q, k, v, mask, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_ml, *do.stride(), *dk.stride(),
