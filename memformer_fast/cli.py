@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- train
 
 # The model of a new `train` run, as MemformerConfig fields; d_ff defaults to 4 * d_model.
-DEFAULT_MODEL: dict[str, object] = dict(
+DEFAULT_MODEL: dict[str, Any] = dict(
     architecture="decoder",
     d_model=256,
     n_heads=4,
@@ -110,9 +111,9 @@ SETTING_FLAGS = (
 )
 
 
-def _model_overrides(args: argparse.Namespace) -> dict[str, object]:
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The explicitly given model flags as :class:`MemformerConfig` fields."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     for flag, names in MODEL_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -153,9 +154,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{path} exists: pass --resume to continue that run, or choose another --out"
             )
         fields = {**DEFAULT_MODEL, **model_fields}
-        fields.setdefault("d_ff", 4 * int(fields["d_model"]))  # type: ignore[call-overload]
+        fields.setdefault("d_ff", 4 * fields["d_model"])
         try:
-            config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)  # type: ignore[arg-type]
+            config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)
         except ValueError as error:
             raise UserError(str(error)) from None
         settings = TrainSettings(**overrides)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -247,7 +248,7 @@ class DemoReport:
 
 
 def build_model(options: DemoOptions, task: RecallTask) -> Memformer:
-    dims = dict(SIZES[options.size])
+    dims: dict[str, Any] = dict(SIZES[options.size])
     cfg = MemformerConfig(
         vocab_size=task.vocab_size, architecture="decoder", backend=options.backend, **dims
     )

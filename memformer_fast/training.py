@@ -325,12 +325,14 @@ class Trainer:
         try:
             memory = None
             for i in range(n):
-                loss, memory = self.model.sequence_loss(data[:, i].to(self.model.device), memory)
-                total += float(loss)
+                rollout_loss, memory = self.model.sequence_loss(
+                    data[:, i].to(self.model.device), memory
+                )
+                total += float(rollout_loss)
         finally:
             self.model.train()
-        loss = total / n  # every rollout has the same number of predicted bytes
-        return EvalResult(self.step, loss / math.log(2), loss)
+        mean = total / n  # every rollout has the same number of predicted bytes
+        return EvalResult(self.step, mean / math.log(2), mean)
 
     def train(
         self,
