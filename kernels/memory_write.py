@@ -509,8 +509,10 @@ def memory_write_bwd_dkdv_kernel(
     p_v = (
         v + i_b * stride_vb + i_h * stride_vh + o_l[:, None] * stride_vl + o_d[None, :] * stride_vd
     )
-    b_k = tl.load(p_k, mask=m_ld, other=0.0)
-    b_v = tl.load(p_v, mask=m_ld, other=0.0)
+    # Padded tokens are never read: whatever they hold (even NaN) cannot reach the gradients.
+    m_tok_d = m_tok[:, None] & m_d[None, :]
+    b_k = tl.load(p_k, mask=m_tok_d, other=0.0)
+    b_v = tl.load(p_v, mask=m_tok_d, other=0.0)
     b_dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
     b_dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
     for i_s in range(0, S, BLOCK_S):

@@ -201,6 +201,22 @@ def test_memory_write_strided_and_split(layout: str, num_splits: int) -> None:
     assert torch.equal(o[0], v_self[0])
 
 
+def test_memory_write_ignores_padded_values() -> None:
+    """NaN in the keys and values of padded tokens never reaches the output or any gradient."""
+    B, S, L, H, Dh = 2, 3, 20, 1, 16
+    torch.manual_seed(7)
+    q, k_self, v_self = (_randn(B, S, H, Dh, dtype=torch.float32) for _ in range(3))
+    k, v = (_randn(B, L, H, Dh, dtype=torch.float32) for _ in range(2))
+    do = _randn(B, S, H, Dh, dtype=torch.float32)
+    mask = _token_mask(B, L)
+    fn = lambda *t: reference.memory_write_attention(*t, mask, 0.5, 0.25)
+    exact = _reference_grads(fn, [q, k_self, v_self, k, v], do, torch.float32)
+    k[~mask], v[~mask] = float("nan"), float("nan")
+    o, grads = _run_write(q, k_self, v_self, k, v, mask, do, 0.5, 0.25, num_splits=2)
+    for name, a, ex in zip(("o", "dq", "dk_self", "dv_self", "dk", "dv"), (o, *grads), exact):
+        _check(name, a, ex, ex)
+
+
 def test_memory_write_extreme_logits() -> None:
     """Large logits (a sharp write, temperature 0.05: logits of about +-20) stay finite and
     accurate: the online softmax rescales across tiles and splits."""
