@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # The model of a new `train` run, as MemformerConfig fields; d_ff defaults to 4 * d_model.
 DEFAULT_MODEL: dict[str, Any] = dict(
     architecture="decoder",
-    d_model=256,
+    d_model=128,
     n_heads=4,
     n_decoder_layers=4,
     n_encoder_layers=4,
@@ -128,7 +128,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         ByteData,
         Trainer,
         TrainSettings,
-        corpus_files,
         load_checkpoint,
         load_corpus,
         resumed_config,
@@ -142,8 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = out / CHECKPOINT_NAME
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     model_fields = _model_overrides(args)
-    files = corpus_files(args.data, args.glob)
-    corpus = load_corpus(args.data, args.glob, args.max_bytes)
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    corpus, n_files = load_corpus(args.data, args.glob, args.max_bytes)
     if args.resume:
         ckpt = load_checkpoint(path)
         config = resumed_config(ckpt, model_fields)
@@ -169,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer.create(config, data, settings, device)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(
-        f"{PROG} train: {len(files)} file(s), {len(corpus):,} bytes "
+        f"{PROG} train: {n_files} file(s), {len(corpus):,} bytes "
         f"({len(data.train):,} train, {len(data.val):,} held out); {n_params / 1e6:.2f}M "
         f"parameters, {config.architecture}; rollout {settings.segments} x "
         f"{config.segment_length} bytes, batch {settings.batch_size}; {device}"
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help="default 0")
     g.add_argument("--backend", choices=("auto", "reference", "triton"))
     t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
-    t.add_argument("--batch-size", type=int, help="parallel streams (default 16)")
+    t.add_argument("--batch-size", type=int, help="parallel streams (default 8)")
     t.add_argument("--segments", type=int, help="segments per MRBP rollout (default 4)")
     t.add_argument("--steps", type=int, help="total updates (default 1000)")
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")

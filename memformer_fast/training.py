@@ -48,16 +48,16 @@ def _looks_binary(path: Path) -> bool:
         return b"\0" in f.read(8192)
 
 
-def corpus_files(path: str | os.PathLike, pattern: str | None = None) -> list[Path]:
-    """The text files of ``path``: the file itself, or the files under a folder (sorted, hidden
-    entries and ``__pycache__`` skipped, files with NUL bytes skipped as binary), optionally only
-    those whose name matches the glob ``pattern``."""
+def corpus_files(path: str | os.PathLike, pattern: str | None = None) -> Iterator[Path]:
+    """The text files of ``path``, lazily: the file itself, or the files under a folder (sorted,
+    hidden entries and ``__pycache__`` skipped, files with NUL bytes skipped as binary),
+    optionally only those whose name matches the glob ``pattern``."""
     root = Path(path)
     if not root.exists():
         raise UserError(f"no such file or folder: {root}")
     if root.is_file():
-        return [root]
-    found = []
+        yield root
+        return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(filenames):
@@ -66,17 +66,14 @@ def corpus_files(path: str | os.PathLike, pattern: str | None = None) -> list[Pa
             file = Path(dirpath, name)
             with contextlib.suppress(OSError):
                 if file.is_file() and not _looks_binary(file):
-                    found.append(file)
-    if not found:
-        what = f" matching {pattern!r}" if pattern else ""
-        raise UserError(f"no text files{what} under {root}")
-    return found
+                    yield file
 
 
 def load_corpus(
     path: str | os.PathLike, pattern: str | None = None, max_bytes: int | None = None
-) -> bytes:
-    """The bytes of :func:`corpus_files` concatenated (at most ``max_bytes``)."""
+) -> tuple[bytes, int]:
+    """The bytes of :func:`corpus_files` concatenated (the first ``max_bytes``: files after
+    those are not even opened) and the number of files they come from."""
     chunks, total = [], 0
     for file in corpus_files(path, pattern):
         try:
@@ -89,10 +86,13 @@ def load_corpus(
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
+    if not chunks and Path(path).is_dir():
+        what = f" matching {pattern!r}" if pattern else ""
+        raise UserError(f"no text files{what} under {path}")
     corpus = b"".join(chunks)
     if not corpus:
         raise UserError(f"{path} is empty: there is nothing to train on")
-    return corpus
+    return corpus, len(chunks)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def streams(tokens: Tensor, batch_size: int, rollout_bytes: int) -> Tensor:
 class TrainSettings:
     """Everything that defines a training run besides the data and the model's shape."""
 
-    batch_size: int = 16
+    batch_size: int = 8
     segments: int = 4  # segments per MRBP rollout
     steps: int = 1000
     lr: float = 1e-3
@@ -364,17 +364,16 @@ class Trainer:
                 loss = self.train_step()
                 seconds += time.perf_counter() - start
                 tokens += s.batch_size * self.rollout_bytes
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.3f}", val_bpb=f"{bpb:.3f}", bytes_per_s=f"{tokens / seconds:,.0f}"
-                )
                 if self.step % s.eval_every == 0 or self.step == s.steps:
-                    result = self.evaluate()
-                    bpb = result.bits_per_byte
+                    bpb = self.evaluate().bits_per_byte
                     self.history.append(
                         {"step": self.step, "train_loss": loss, "bits_per_byte": bpb}
                     )
                     say(f"step {self.step}: train loss {loss:.3f}, held-out {bpb:.3f} bits/byte")
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", val_bpb=f"{bpb:.3f}", bytes_per_s=f"{tokens / seconds:,.0f}"
+                )
+                bar.update(1)
                 if checkpoint and (self.step % s.save_every == 0 or self.step == s.steps):
                     self.save(checkpoint)
         except KeyboardInterrupt:
