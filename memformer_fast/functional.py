@@ -113,6 +113,24 @@ def _default_scale(scale: float | None, head_dim: int) -> float:
     return head_dim**-0.5 if scale is None else _check_positive("scale", scale)
 
 
+def _select_backend(backend: str, t: Tensor, size_name: str, size: int) -> str:
+    """``resolve_backend``, then keep "auto" off the kernels where they do not apply (float64,
+    a ``size_name`` above the kernels' limit); an explicit "triton" there is an error."""
+    resolved = resolve_backend(backend, t.device)
+    if resolved != "triton":
+        return resolved
+    from .kernels import gated_update, utils  # imported only where Triton is used
+
+    limit = gated_update.MAX_WIDTH if size_name == "D" else utils.MAX_HEAD_DIM
+    if t.dtype in _KERNEL_DTYPES and size <= limit:
+        return resolved
+    if backend == "auto":
+        return "reference"
+    if size > limit:
+        raise ValueError(f"backend='triton' supports {size_name} <= {limit}, got {size}")
+    return resolved
+
+
 def _ops():  # imported lazily: Triton and the kernels load only when used
     from . import ops
 
@@ -139,7 +157,7 @@ def memory_read_attention(
     _check_shape("k", k, (B, None, H, Dh), "[B, S, H, Dh] matching q")
     _check_shape("v", v, tuple(k.shape), "the shape of k")
     _check_nonempty(("q", "k"), (q, k))
-    backend = resolve_backend(backend, q.device)
+    backend = _select_backend(backend, q, "head_dim", Dh)
     _check_tensors(("q", "k", "v"), (q, k, v), backend)
     scale = _default_scale(scale, Dh)
     if backend == "reference":
@@ -189,7 +207,7 @@ def memory_write_attention(
         if token_mask.device != q.device:
             raise ValueError(f"token_mask must be on {q.device}, got {token_mask.device}")
     temperature = _check_positive("temperature", temperature)
-    backend = resolve_backend(backend, q.device)
+    backend = _select_backend(backend, q, "head_dim", Dh)
     _check_tensors(names, (q, k_self, v_self, k, v), backend)
     scale = _default_scale(scale, Dh)
     if backend == "reference":
@@ -237,7 +255,7 @@ def gated_memory_update(
         _check_shape("gate_logits", gate_logits, (B, S, D), "the shape of memory")
     _check_nonempty(("memory",), (memory,))
     eps = _check_positive("eps", eps)
-    backend = resolve_backend(backend, memory.device)
+    backend = _select_backend(backend, memory, "D", D)
     _check_tensors(names, tensors, backend)
     if backend == "reference":
         return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
