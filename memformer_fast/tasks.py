@@ -143,8 +143,8 @@ def curriculum(num_segments: int, segment_length: int, steps_per_stage: int) -> 
     """Easy to hard: two segments with the key repeated over the first (a strong signal finds the
     write path), then a single key, then the rollout doubled up to ``num_segments``.
 
-    A single key among distractors from the start did not learn in 400 steps; this curriculum
-    reaches 100% on 8 segments in about 500.
+    A single key among distractors from the start did not learn in 400 steps; with this
+    curriculum the small model recalls across 16 segments (99-100%, seeds 0 and 1) in 560.
     """
     n = steps_per_stage
     stages = [Stage(2, segment_length, n), Stage(2, max(1, segment_length // 4), n)]
