@@ -53,6 +53,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _like(grad: Tensor, t: Tensor) -> Tensor:
+    """A gradient in the dtype of its input, contiguous (what the kernels return)."""
+    return grad.to(t.dtype).contiguous()
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _no_autocast(fn: F) -> F:
     """The PyTorch fallbacks accumulate in float32 (or float64) even under autocast."""
 
@@ -114,7 +123,7 @@ def _read_bwd_reference(
     dq = torch.einsum("bhls,bshd->blhd", ds, k_) * scale
     dk = torch.einsum("bhls,blhd->bshd", ds, q_) * scale
     dv = torch.einsum("bhls,blhd->bshd", p, do_)
-    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+    return _like(dq, q), _like(dk, k), _like(dv, v)
 
 
 @torch.library.custom_op(
@@ -143,7 +152,7 @@ def _(
 def _(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return _empty_like(q), _empty_like(k), _empty_like(v)
 
 
 def _read_setup_context(ctx, inputs, output) -> None:
@@ -272,8 +281,13 @@ def _write_bwd_reference(
     dv_self = p_self[..., None] * do_
     dk = torch.einsum("bshl,bshd->blhd", ds_tok, q_) * logit_scale
     dv = torch.einsum("bshl,bshd->blhd", p_tok, do_)
-    pairs = ((dq, q), (dk_self, k_self), (dv_self, v_self), (dk, k), (dv, v))
-    return tuple(g.to(t.dtype).contiguous() for g, t in pairs)
+    return (
+        _like(dq, q),
+        _like(dk_self, k_self),
+        _like(dv_self, v_self),
+        _like(dk, k),
+        _like(dv, v),
+    )
 
 
 @torch.library.custom_op(
@@ -337,9 +351,12 @@ def _(
     temperature: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(
-        torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in (q, k_self, v_self, k, v)
+    return (
+        _empty_like(q),
+        _empty_like(k_self),
+        _empty_like(v_self),
+        _empty_like(k),
+        _empty_like(v),
     )
 
 
