@@ -33,4 +33,3 @@ def _nan_filled_empty(monkeypatch: pytest.MonkeyPatch) -> None:
 def _no_tf32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
