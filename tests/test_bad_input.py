@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from testing_utils import tiny_config
 
 from memformer_fast import (
     Memformer,
@@ -35,17 +36,12 @@ def make_config(arch: str = "decoder", **overrides) -> MemformerConfig:
     fields = dict(
         vocab_size=VOCAB,
         d_model=WIDTH,
-        n_heads=2,
-        d_ff=32,
         n_encoder_layers=1,
         n_decoder_layers=1,
         n_memory_slots=SLOTS,
         segment_length=SEG,
-        architecture=arch,
-        backend="reference",
     )
-    fields.update(overrides)
-    return MemformerConfig(**fields)
+    return tiny_config(arch, **{**fields, **overrides})
 
 
 def make_env() -> SimpleNamespace:

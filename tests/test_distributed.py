@@ -18,30 +18,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from testing_utils import tiny_model
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from memformer_fast import Memformer, MemformerConfig, mrbp
+from memformer_fast import Memformer, mrbp
 
 WORLD, ROWS, SEG, T = 2, 2, 4, 3  # ranks, batch rows per rank, segment length, segments
 TIMEOUT_S = 240
 
 
 def make_model(arch: str) -> Memformer:
-    torch.manual_seed(0)
-    config = MemformerConfig(
-        vocab_size=23,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        n_memory_slots=3,
-        segment_length=SEG,
-        architecture=arch,
-        backend="reference",
-    )
-    return Memformer(config)
+    return tiny_model(arch, n_encoder_layers=1, n_decoder_layers=1, segment_length=SEG)
 
 
 def batches() -> list[torch.Tensor]:

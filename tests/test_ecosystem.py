@@ -12,30 +12,26 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from testing_utils import relative_error
+from testing_utils import relative_error, tiny_model
 
-from memformer_fast import Memformer, MemformerConfig, functional, mrbp
+from memformer_fast import Memformer, functional, mrbp
 from memformer_fast.layers import DecoderBlock, MemoryBlock, MemoryReader, MemoryWriter
 
 VOCAB, WIDTH, SLOTS, SEG = 29, 32, 4, 6
 
 
 def make_model(arch: str = "decoder", dropout: float = 0.0, seed: int = 0) -> Memformer:
-    torch.manual_seed(seed)
-    config = MemformerConfig(
+    return tiny_model(
+        arch,
+        seed=seed,
         vocab_size=VOCAB,
         d_model=WIDTH,
         n_heads=4,
         d_ff=64,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
         n_memory_slots=SLOTS,
         segment_length=SEG,
         dropout=dropout,
-        architecture=arch,
-        backend="reference",
     )
-    return Memformer(config)
 
 
 def rollout(B: int = 3, T: int = 4, seed: int = 1) -> torch.Tensor:

@@ -7,28 +7,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import tiny_model
 
-from memformer_fast import Memformer, MemformerConfig, MemoryWriter
+from memformer_fast import Memformer, MemoryWriter
 
 ARCHS = ["encoder-decoder", "decoder"]
 
 
 def tiny(arch: str, **overrides) -> Memformer:
-    torch.manual_seed(0)
-    cfg = dict(
-        vocab_size=23,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        n_memory_slots=3,
-        segment_length=5,
-        architecture=arch,
-        backend="reference",
-    )
-    cfg.update(overrides)
-    return Memformer(MemformerConfig(**cfg)).eval()
+    return tiny_model(arch, **overrides).eval()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

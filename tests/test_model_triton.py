@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from testing_utils import relative_error
+from testing_utils import relative_error, tiny_config, tiny_model
 
-from memformer_fast import Memformer, MemformerConfig
+from memformer_fast import Memformer
 
 pytestmark = pytest.mark.interpreter
 
@@ -27,17 +27,14 @@ def test_triton_backend_matches_reference(architecture: str) -> None:
     common = dict(
         vocab_size=50,
         d_model=32,
-        n_heads=2,
         d_ff=64,
         n_encoder_layers=1,
         n_decoder_layers=1,
         n_memory_slots=16,
         segment_length=8,
-        architecture=architecture,
     )
-    torch.manual_seed(0)
-    reference = Memformer(MemformerConfig(**common, backend="reference")).to(device)
-    triton = Memformer(MemformerConfig(**common, backend="triton")).to(device)
+    reference = tiny_model(architecture, **common).to(device)  # seeds 0
+    triton = Memformer(tiny_config(architecture, backend="triton", **common)).to(device)
     triton.load_state_dict(reference.state_dict())
 
     ids = torch.randint(0, 50, (2, 16), device=device)  # two segments of 8 tokens

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import relative_error
+from testing_utils import relative_error, tiny_model
 
-from memformer_fast import Memformer, MemformerConfig, mrbp
+from memformer_fast import Memformer, mrbp
 
 ARCHS = ["encoder-decoder", "decoder"]
 
@@ -14,23 +14,16 @@ ARCHS = ["encoder-decoder", "decoder"]
 def make_model(
     arch: str, dtype: torch.dtype = torch.float32, dropout: float = 0.1, **kw
 ) -> Memformer:
-    torch.manual_seed(0)
-    cfg = MemformerConfig(
+    model = tiny_model(
+        arch,
         vocab_size=31,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
         n_memory_slots=4,
         segment_length=6,
         dropout=dropout,
-        architecture=arch,
-        backend="reference",
         memory_dtype=dtype,
         **kw,
     )
-    return Memformer(cfg).to(dtype).train()
+    return model.to(dtype).train()
 
 
 def rollout(T: int = 8, B: int = 3, ragged: int = 2):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import relative_error
+from testing_utils import relative_error, tiny_model
 
 import memformer_fast
-from memformer_fast import Memformer, MemformerConfig, mrbp, replay
+from memformer_fast import Memformer, mrbp, replay
 from memformer_fast.replay import ReplayBuffer, build_info, load_extension
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,22 +342,9 @@ def test_bad_constructor_arguments():
 # MRBP through the extension buffer ---------------------------------------------------------------
 
 
-def tiny_model(arch: str, device: str) -> Memformer:
-    torch.manual_seed(0)
-    config = MemformerConfig(
-        vocab_size=29,
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        n_memory_slots=4,
-        segment_length=5,
-        dropout=0.1,
-        architecture=arch,
-        backend="reference",
-    )
-    return Memformer(config).to(device).train()
+def tiny_training_model(arch: str, device: str) -> Memformer:
+    model = tiny_model(arch, vocab_size=29, n_memory_slots=4, dropout=0.1)
+    return model.to(device).train()
 
 
 def mrbp_gradients(model: Memformer, ids: torch.Tensor, offload: bool):
@@ -386,7 +373,7 @@ def buffers_made(monkeypatch) -> list[ReplayBuffer]:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
 @pytest.mark.parametrize("arch", ["encoder-decoder", "decoder"])
 def test_mrbp_gradients_identical_with_offload(device, arch, buffers_made):
-    model = tiny_model(arch, device)
+    model = tiny_training_model(arch, device)
     ids = torch.randint(0, 29, (2, 5 * 7 + 3), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     plain, expected = mrbp_gradients(model, ids, offload=False)
@@ -405,7 +392,7 @@ def test_mrbp_gradients_identical_with_offload(device, arch, buffers_made):
 
 
 def test_mrbp_with_offload_equals_bptt():
-    model = tiny_model("encoder-decoder", "cpu")
+    model = tiny_training_model("encoder-decoder", "cpu")
     ids = torch.randint(0, 29, (2, 5 * 6), generator=torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)

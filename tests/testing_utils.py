@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from memformer_fast import Memformer, MemformerConfig
+
+# The smallest useful model: two heads of width 8, two layers each side, reference backend.
+TINY_FIELDS: dict[str, Any] = dict(
+    vocab_size=23,
+    d_model=16,
+    n_heads=2,
+    d_ff=32,
+    n_encoder_layers=2,
+    n_decoder_layers=2,
+    n_memory_slots=3,
+    segment_length=5,
+    backend="reference",
+)
+
+
+def tiny_config(architecture: str = "decoder", **overrides: Any) -> MemformerConfig:
+    """A tiny config; ``overrides`` replace any of ``TINY_FIELDS`` or set other fields."""
+    return MemformerConfig(**{**TINY_FIELDS, "architecture": architecture, **overrides})
+
+
+def tiny_model(architecture: str = "decoder", seed: int = 0, **overrides: Any) -> Memformer:
+    """``Memformer(tiny_config(...))`` initialised after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return Memformer(tiny_config(architecture, **overrides))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
