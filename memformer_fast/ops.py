@@ -23,17 +23,12 @@ The functions at the bottom are what :mod:`memformer_fast.functional` calls for
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 from torch import Tensor
 
 from . import reference
 from .functional import interpreter_enabled, triton_available
-
-F = TypeVar("F", bound=Callable[..., object])
+from .reference import accumulation_dtype, no_autocast
 
 
 def _kernels():  # imported on first use: importing Triton is slow and optional off CUDA
@@ -49,10 +44,6 @@ def _use_triton(t: Tensor) -> bool:
     )
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _like(grad: Tensor, t: Tensor) -> Tensor:
     """A gradient in the dtype of its input, contiguous (what the kernels return)."""
     return grad.to(t.dtype).contiguous()
@@ -62,26 +53,15 @@ def _empty_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _no_autocast(fn: F) -> F:
-    """The PyTorch fallbacks accumulate in float32 (or float64) even under autocast."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------------------------
 # Memory read
 # --------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@no_autocast
 def _read_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """[B, H, L, S] scaled logits in the accumulation dtype."""
-    ct = _acc(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     return torch.einsum("blhd,bshd->bhls", q.to(ct), k.to(ct)) * scale
 
 
@@ -98,24 +78,21 @@ def memory_read_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tens
     return o, torch.logsumexp(_read_logits(q, k, scale), dim=-1)
 
 
-@memory_read_fwd.register_kernel("cuda")
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return _kernels().memory_read_fwd(q, k, v, scale)
+# On CUDA every op is its Triton launcher, called with the op's arguments.
+memory_read_fwd.register_kernel("cuda")(lambda *args: _kernels().memory_read_fwd(*args))
 
 
 @memory_read_fwd.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     B, L, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, L), dtype=_acc(q.dtype)
-    )
+    return _empty_like(q), q.new_empty((B, H, L), dtype=accumulation_dtype(q.dtype))
 
 
-@_no_autocast
+@no_autocast
 def _read_bwd_reference(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    ct = _acc(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     p = torch.exp(_read_logits(q, k, scale) - lse[..., None])  # [B, H, L, S]
     do_, q_, k_, v_ = do.to(ct), q.to(ct), k.to(ct), v.to(ct)
     dp = torch.einsum("blhd,bshd->bhls", do_, v_)
@@ -141,11 +118,7 @@ def memory_read_bwd(
     return _read_bwd_reference(do, q, k, v, lse, scale)
 
 
-@memory_read_bwd.register_kernel("cuda")
-def _(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
+memory_read_bwd.register_kernel("cuda")(lambda *args: _kernels().memory_read_bwd(*args))
 
 
 @memory_read_bwd.register_fake
@@ -177,12 +150,12 @@ memory_read_fwd.register_autograd(_read_backward, setup_context=_read_setup_cont
 # --------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@no_autocast
 def _write_logits(
     q: Tensor, k_self: Tensor, k: Tensor, token_mask: Tensor | None, logit_scale: float
 ) -> tuple[Tensor, Tensor]:
     """Self logits [B, S, H] and token logits [B, S, H, L] (-inf at padding), accumulation dtype."""
-    ct = _acc(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     q_ = q.to(ct)
     s_self = (q_ * k_self.to(ct)).sum(-1) * logit_scale
     s_tok = torch.einsum("bshd,blhd->bshl", q_, k.to(ct)) * logit_scale
@@ -215,7 +188,7 @@ def memory_write_fwd(
     """
     if _use_triton(q):
         return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
-    ct = _acc(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     o = reference.memory_write_attention(
         q.to(ct), k_self.to(ct), v_self.to(ct), k.to(ct), v.to(ct), token_mask, temperature, scale
     ).contiguous()
@@ -224,18 +197,7 @@ def memory_write_fwd(
     return o, lse.transpose(1, 2).contiguous()
 
 
-@memory_write_fwd.register_kernel("cuda")
-def _(
-    q: Tensor,
-    k_self: Tensor,
-    v_self: Tensor,
-    k: Tensor,
-    v: Tensor,
-    token_mask: Tensor | None,
-    temperature: float,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
+memory_write_fwd.register_kernel("cuda")(lambda *args: _kernels().memory_write_fwd(*args))
 
 
 @memory_write_fwd.register_fake
@@ -250,10 +212,11 @@ def _(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     B, S, H, _ = q.shape
-    return q.new_empty(q.shape, dtype=_acc(q.dtype)), q.new_empty((B, H, S), dtype=_acc(q.dtype))
+    acc = accumulation_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=acc), q.new_empty((B, H, S), dtype=acc)
 
 
-@_no_autocast
+@no_autocast
 def _write_bwd_reference(
     do: Tensor,
     q: Tensor,
@@ -265,7 +228,7 @@ def _write_bwd_reference(
     lse: Tensor,
     logit_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ct = _acc(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     s_self, s_tok = _write_logits(q, k_self, k, token_mask, logit_scale)
     lse = lse.transpose(1, 2)  # [B, S, H]
     p_self = torch.exp(s_self - lse)
@@ -318,23 +281,7 @@ def memory_write_bwd(
     return _write_bwd_reference(do, q, k_self, v_self, k, v, token_mask, lse, scale / temperature)
 
 
-@memory_write_bwd.register_kernel("cuda")
-def _(
-    do: Tensor,
-    q: Tensor,
-    k_self: Tensor,
-    v_self: Tensor,
-    k: Tensor,
-    v: Tensor,
-    token_mask: Tensor | None,
-    o: Tensor,
-    lse: Tensor,
-    temperature: float,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().memory_write_bwd(
-        do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
-    )
+memory_write_bwd.register_kernel("cuda")(lambda *args: _kernels().memory_write_bwd(*args))
 
 
 @memory_write_bwd.register_fake
@@ -399,21 +346,17 @@ def gated_memory_update_fwd(
     return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps).contiguous()
 
 
-@gated_memory_update_fwd.register_kernel("cuda")
-def _(
-    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
-) -> Tensor:
-    return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
+gated_memory_update_fwd.register_kernel("cuda")(lambda *args: _kernels().gated_update_fwd(*args))
 
 
 @gated_memory_update_fwd.register_fake
 def _(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
-    return torch.empty_like(memory, memory_format=torch.contiguous_format)
+    return _empty_like(memory)
 
 
-@_no_autocast
+@no_autocast
 def _gated_bwd_reference(
     dout: Tensor,
     memory: Tensor,
@@ -422,7 +365,7 @@ def _gated_bwd_reference(
     gate_logits: Tensor | None,
     eps: float,
 ) -> list[Tensor]:
-    ct = _acc(memory.dtype)
+    ct = accumulation_dtype(memory.dtype)
     m, c, b, do = memory.to(ct), candidate.to(ct), bias.to(ct), dout.to(ct)
     g = None if gate_logits is None else torch.sigmoid(gate_logits.to(ct))
     u = c + b if g is None else g * c + (1 - g) * m + b
@@ -483,7 +426,7 @@ def _(
     eps: float,
 ) -> list[Tensor]:
     like = (candidate, bias) if gate_logits is None else (memory, candidate, bias, gate_logits)
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+    return [_empty_like(t) for t in like]
 
 
 def _gated_setup_context(ctx, inputs, output) -> None:

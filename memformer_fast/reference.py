@@ -14,11 +14,11 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-F = TypeVar("F", bound=Callable[..., Tensor])
+F = TypeVar("F", bound=Callable[..., object])
 
 
-def _float32_accumulation(fn: F) -> F:
-    """Run ``fn`` with autocast off, so its matmuls really accumulate in float32."""
+def no_autocast(fn: F) -> F:
+    """Run ``fn`` with autocast off, so its matmuls really accumulate in float32 (or float64)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,23 +28,24 @@ def _float32_accumulation(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@_float32_accumulation
+@no_autocast
 def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Tokens attend over every memory slot (no mask).
 
     q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> o: [B, L, H, Dh]
     """
-    ct = _compute_dtype(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     logits = torch.einsum("blhd,bshd->bhls", q.to(ct), k.to(ct)) * scale
     probs = torch.softmax(logits, dim=-1)
     return torch.einsum("bhls,bshd->blhd", probs, v.to(ct)).to(q.dtype)
 
 
-@_float32_accumulation
+@no_autocast
 def memory_write_attention(
     q: Tensor,
     k_self: Tensor,
@@ -61,7 +62,7 @@ def memory_write_attention(
     -> o: [B, S, H, Dh]. A slot that sees no real token returns ``v_self`` exactly.
     """
     out_dtype = q.dtype
-    ct = _compute_dtype(out_dtype)
+    ct = accumulation_dtype(out_dtype)
     q, k_self, v_self, k, v = (t.to(ct) for t in (q, k_self, v_self, k, v))
     logit_scale = scale / temperature
     logits_self = (q * k_self).sum(-1, keepdim=True) * logit_scale  # [B, S, H, 1]
@@ -75,7 +76,7 @@ def memory_write_attention(
     return o.to(out_dtype)
 
 
-@_float32_accumulation
+@no_autocast
 def gated_memory_update(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
@@ -84,7 +85,7 @@ def gated_memory_update(
     memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]
     ``u = g * candidate + (1 - g) * memory + bias``, ``new = u / max(||u||_2, eps)`` over D.
     """
-    ct = _compute_dtype(memory.dtype)
+    ct = accumulation_dtype(memory.dtype)
     m, c, b = memory.to(ct), candidate.to(ct), bias.to(ct)
     if gate_logits is None:
         u = c + b
