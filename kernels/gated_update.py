@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, is_interpreter, split_reduction
+from .utils import acc_dtype, acc_torch_dtype, is_interpreter, split_reduction
 
 # The width of a slot is one tile: keeps the norm a single in-register reduction.
 MAX_WIDTH = 2048
@@ -241,7 +241,7 @@ def gated_update_bwd(
     cfg = gated_update_config("bwd", D)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(B, 1, n_s, memory.device, num_splits)
-    acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    acc = acc_torch_dtype(memory.dtype)
     dbias = torch.empty(
         (splits, S, D), dtype=bias.dtype if splits == 1 else acc, device=bias.device
     )

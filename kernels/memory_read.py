@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_HEAD_DIM, dot_tile, is_interpreter, kernel_dtype_args, split_reduction
+from .utils import (
+    AttentionConfigs,
+    acc_torch_dtype,
+    attention_tiles,
+    head_dim_tile,
+    kernel_dtype_args,
+    split_reduction,
+)
 
 
 @triton.jit
@@ -398,7 +405,7 @@ def memory_read_bwd_dkdv_kernel(
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
 # Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
 # with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
-_CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
+_CONFIGS: AttentionConfigs = {
     ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)},
     ("fwd", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
     ("bwd_dq", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)},
@@ -409,26 +416,8 @@ _CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
 
 
 def memory_read_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
-    """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv").
-
-    One configuration per (kernel, element size, padded head dim), from ``_CONFIGS`` (bfloat16
-    shares float16's); the interpreter takes small tiles so tiny test shapes cross tile borders.
-    """
-    if Dh > MAX_HEAD_DIM:
-        raise ValueError(
-            f"memory_read_attention kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}"
-        )
-    BLOCK_D = dot_tile(Dh)
-    if is_interpreter():
-        return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
-    BLOCK_L, BLOCK_S, num_warps = _CONFIGS[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
-    return {
-        "BLOCK_L": BLOCK_L,
-        "BLOCK_S": BLOCK_S,
-        "BLOCK_D": BLOCK_D,
-        "num_warps": num_warps,
-        "num_stages": 2,
-    }
+    """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv"), from ``_CONFIGS``."""
+    return attention_tiles(_CONFIGS, kernel, dtype, head_dim_tile("memory_read_attention", Dh))
 
 
 def memory_read_fwd(
@@ -438,11 +427,7 @@ def memory_read_fwd(
     B, L, H, Dh = q.shape
     S = k.shape[1]
     o = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty(
-        (B, H, L),
-        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-        device=q.device,
-    )
+    lse = torch.empty((B, H, L), dtype=acc_torch_dtype(q.dtype), device=q.device)
     cfg = memory_read_config("fwd", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_fwd_kernel[grid](
@@ -484,7 +469,7 @@ def memory_read_bwd(
         dk = torch.empty((1, B, S, H, Dh), dtype=k.dtype, device=k.device)
         dv = torch.empty((1, B, S, H, Dh), dtype=v.dtype, device=v.device)
     else:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_torch_dtype(q.dtype)
         dk = torch.empty((splits, B, S, H, Dh), dtype=acc, device=k.device)
         dv = torch.empty((splits, B, S, H, Dh), dtype=acc, device=v.device)
     memory_read_bwd_dkdv_kernel[(n_s, B * H, splits)](

@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_HEAD_DIM, dot_tile, is_interpreter, kernel_dtype_args, split_reduction
+from .utils import (
+    AttentionConfigs,
+    acc_torch_dtype,
+    attention_tiles,
+    head_dim_tile,
+    is_interpreter,
+    kernel_dtype_args,
+    split_reduction,
+)
 
 
 @triton.jit
@@ -562,7 +570,7 @@ def memory_write_bwd_dkdv_kernel(
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
 # Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
 # with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
-_CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
+_CONFIGS: AttentionConfigs = {
     ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)},
     ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
     ("bwd_dq", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8)},
@@ -573,36 +581,16 @@ _CONFIGS: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {
 
 
 def memory_write_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
-    """Tiles and launch options of ``kernel`` ("fwd", "fwd_combine", "bwd_dq" or "bwd_dkdv").
-
-    One configuration per (kernel, element size, padded head dim), from ``_CONFIGS`` (bfloat16
-    shares float16's); the interpreter takes small tiles so tiny test shapes cross tile borders.
-    """
-    if Dh > MAX_HEAD_DIM:
-        raise ValueError(
-            f"memory_write_attention kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}"
-        )
-    BLOCK_D = dot_tile(Dh)
+    """Tiles and launch options of ``kernel`` ("fwd", "fwd_combine", "bwd_dq" or "bwd_dkdv"),
+    from ``_CONFIGS`` (the split combine has fixed ones)."""
+    BLOCK_D = head_dim_tile("memory_write_attention", Dh)
     if kernel == "fwd_combine":
         return {"BLOCK_S": 16, "BLOCK_D": BLOCK_D} | ({} if is_interpreter() else {"num_warps": 4})
-    if is_interpreter():
-        return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
-    BLOCK_L, BLOCK_S, num_warps = _CONFIGS[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
-    return {
-        "BLOCK_L": BLOCK_L,
-        "BLOCK_S": BLOCK_S,
-        "BLOCK_D": BLOCK_D,
-        "num_warps": num_warps,
-        "num_stages": 2,
-    }
+    return attention_tiles(_CONFIGS, kernel, dtype, BLOCK_D)
 
 
 def _mask_args(token_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
     return (None, 0, 0) if token_mask is None else (token_mask, *token_mask.stride())
-
-
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def memory_write_fwd(
@@ -626,7 +614,7 @@ def memory_write_fwd(
     """
     B, S, H, Dh = q.shape
     L = k.shape[1]
-    acc = _acc_torch_dtype(q.dtype)
+    acc = acc_torch_dtype(q.dtype)
     cfg = memory_write_config("fwd", q.dtype, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
@@ -685,7 +673,7 @@ def memory_write_bwd(
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
     dq = torch.empty(
         (splits, B, S, H, Dh),
-        dtype=q.dtype if splits == 1 else _acc_torch_dtype(q.dtype),
+        dtype=q.dtype if splits == 1 else acc_torch_dtype(q.dtype),
         device=q.device,
     )
     memory_write_bwd_dq_kernel[(n_s, B * H, splits)](

@@ -64,8 +64,13 @@ def dot_tile(n: int) -> int:
     return max(MIN_DOT_TILE, triton.next_power_of_2(n))
 
 
-def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype: float32, or float64 for float64 inputs (interpreter gradchecks only)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """:func:`acc_torch_dtype` as a Triton dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -79,6 +84,37 @@ def dot_precision(dtype: torch.dtype) -> str:
 def kernel_dtype_args(dtype: torch.dtype) -> dict[str, object]:
     """The constexprs every dot kernel derives from its input dtype."""
     return {"ACC_DTYPE": acc_dtype(dtype), "DOT_PRECISION": dot_precision(dtype)}
+
+
+def head_dim_tile(op: str, Dh: int) -> int:
+    """``BLOCK_D`` of an attention kernel of ``op``; a ValueError beyond ``MAX_HEAD_DIM``."""
+    if Dh > MAX_HEAD_DIM:
+        raise ValueError(f"{op} kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}")
+    return dot_tile(Dh)
+
+
+AttentionConfigs = dict[tuple[str, int], dict[int, tuple[int, int, int]]]
+
+
+def attention_tiles(
+    configs: AttentionConfigs, kernel: str, dtype: torch.dtype, BLOCK_D: int
+) -> dict[str, int]:
+    """Tiles and launch options of an attention ``kernel`` from its table ``configs``:
+    (kernel, bits per element) -> {BLOCK_D: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
+
+    bfloat16 shares float16's entry; the interpreter takes small tiles so tiny test shapes cross
+    tile borders.
+    """
+    if is_interpreter():
+        return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
+    BLOCK_L, BLOCK_S, num_warps = configs[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
+    return {
+        "BLOCK_L": BLOCK_L,
+        "BLOCK_S": BLOCK_S,
+        "BLOCK_D": BLOCK_D,
+        "num_warps": num_warps,
+        "num_stages": 2,
+    }
 
 
 @functools.cache
