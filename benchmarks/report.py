@@ -94,6 +94,20 @@ def table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it as a PNG and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section(
+    title: str, intro: str, head: list[str], body: list[list[str]], image: str, alt: str
+) -> str:
+    """A Markdown section: title, introduction, table and image."""
+    return "\n".join([f"## {title}", "", intro, "", table(head, body), "", f"![{alt}]({image})"])
+
+
 def ratio(value: float | None, base: float | None) -> float | None:
     return None if value is None or not base else value / base
 
@@ -166,8 +180,6 @@ def ops_section(rows: list[Row], out: Path) -> str | None:
         body.append(row)
     plot_ops(by_case, backends, out / "ops.png")
     text = [
-        "## Operations",
-        "",
         "Median time per call (ms). `compile` is the reference under `torch.compile(dynamic=True)`;"
         " `sdpa` is `scaled_dot_product_attention` (memory read only); `fwd+bwd` uses a random "
         "upstream gradient.",
@@ -179,7 +191,7 @@ def ops_section(rows: list[Row], out: Path) -> str | None:
             "device-to-device copy bandwidth, over the kernel's CUDA-event time with inputs "
             "rotated beyond L2."
         )
-    return "\n".join([*text, "", table(head, body), "", "![operations](ops.png)"])
+    return section("Operations", "\n".join(text), head, body, "ops.png", "operations")
 
 
 def plot_ops(by_case: dict[tuple, dict[str, Row]], backends: list[str], path: Path) -> None:
@@ -202,9 +214,7 @@ def plot_ops(by_case: dict[tuple, dict[str, Row]], backends: list[str], path: Pa
         ax.set_ylabel("median ms (log)")
         ax.set_title(op)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def model_section(rows: list[Row], out: Path) -> str | None:
@@ -227,21 +237,13 @@ def model_section(rows: list[Row], out: Path) -> str | None:
     ax.bar([f"{r['backend']}\n{r['dtype']}" for r in rows], [r["tokens_per_s"] for r in rows])
     ax.set_ylabel("tokens / s")
     ax.set_title(f"training step, {rows[0]['size']}, batch {rows[0]['batch']}")
-    fig.tight_layout()
-    fig.savefig(out / "model.png", dpi=110)
-    plt.close(fig)
-    return "\n".join(
-        [
-            "## Training step (encoder-decoder)",
-            "",
-            "One segment: encoder and memory write on `s_t`, decoder predicting `s_{t+1}`, "
-            "backward through the loss and the new memory. Tokens/s counts the predicted tokens.",
-            "",
-            table(head, body),
-            "",
-            "![training step](model.png)",
-        ]
+    save_figure(fig, out / "model.png")
+    intro = (
+        "One segment: encoder and memory write on `s_t`, decoder predicting `s_{t+1}`, "
+        "backward through the loss and the new memory. Tokens/s counts the predicted tokens."
     )
+    title = "Training step (encoder-decoder)"
+    return section(title, intro, head, body, "model.png", "training step")
 
 
 def rollout_rows(rows: list[Row]) -> list[Row]:
@@ -286,24 +288,16 @@ def rollouts_section(rows: list[Row], out: Path) -> str | None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"MRBP vs BPTT vs checkpointing ({r0['size']}, batch {r0['batch']})")
-    fig.tight_layout()
-    fig.savefig(out / "rollouts.png", dpi=110)
-    plt.close(fig)
-    return "\n".join(
-        [
-            "## MRBP vs full BPTT vs segment-level checkpointing",
-            "",
-            f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
-            f"{_describe(r0['config'])}), batch {r0['batch']}. One training step over a rollout "
-            "of T segments (every segment after the first scored). Peak memory: "
-            f"{r0.get('memory_measure')}; it is what the step adds over the model and its inputs "
-            "(gradients, activations, replay buffer, temporaries).",
-            "",
-            table(head, body),
-            "",
-            "![rollouts](rollouts.png)",
-        ]
+    save_figure(fig, out / "rollouts.png")
+    intro = (
+        f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
+        f"{_describe(r0['config'])}), batch {r0['batch']}. One training step over a rollout "
+        "of T segments (every segment after the first scored). Peak memory: "
+        f"{r0.get('memory_measure')}; it is what the step adds over the model and its inputs "
+        "(gradients, activations, replay buffer, temporaries)."
     )
+    title = "MRBP vs full BPTT vs segment-level checkpointing"
+    return section(title, intro, head, body, "rollouts.png", "rollouts")
 
 
 def _describe(config: dict[str, Any]) -> str:
@@ -369,23 +363,14 @@ def table3_section(rows: list[Row], out: Path) -> str | None:
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"Table 3 setting ({r0['size']}, T=4, batch {r0['batch']})")
-    fig.tight_layout()
-    fig.savefig(out / "table3.png", dpi=110)
-    plt.close(fig)
-    return "\n".join(
-        [
-            "## The paper's Table 3 setting",
-            "",
-            f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
-            f"{_describe(r0['config'])}), horizon T=4, batch {r0['batch']}, all three methods "
-            "measured in one run. The paper's column is its Table 3 (12-layer decoder, d_model "
-            "512, 8 heads, 32 slots, T=4, total GPU memory); compare the ratios.",
-            "",
-            table(head, body),
-            "",
-            "![table 3](table3.png)",
-        ]
+    save_figure(fig, out / "table3.png")
+    intro = (
+        f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
+        f"{_describe(r0['config'])}), horizon T=4, batch {r0['batch']}, all three methods "
+        "measured in one run. The paper's column is its Table 3 (12-layer decoder, d_model "
+        "512, 8 heads, 32 slots, T=4, total GPU memory); compare the ratios."
     )
+    return section("The paper's Table 3 setting", intro, head, body, "table3.png", "table 3")
 
 
 def peer_section(rows: list[Row], out: Path) -> str | None:
@@ -422,23 +407,13 @@ def peer_section(rows: list[Row], out: Path) -> str | None:
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"MRBP training step vs lucidrains/memformer ({r0['size']}, batch {r0['batch']})")
-    fig.tight_layout()
-    fig.savefig(out / "peer.png", dpi=110)
-    plt.close(fig)
-    return "\n".join(
-        [
-            "## Against a peer: lucidrains' memformer 0.3.1",
-            "",
-            f"Configuration `{r0['size']}` ({_describe(r0['config'])}), batch {r0['batch']}. "
-            "Tokens/s counts the tokens the encoder reads per rollout.",
-            "",
-            table(head, body),
-            "",
-            "![peer](peer.png)",
-            "",
-            PEER_DIFFERENCES,
-        ]
+    save_figure(fig, out / "peer.png")
+    intro = (
+        f"Configuration `{r0['size']}` ({_describe(r0['config'])}), batch {r0['batch']}. "
+        "Tokens/s counts the tokens the encoder reads per rollout."
     )
+    title = "Against a peer: lucidrains' memformer 0.3.1"
+    return f"{section(title, intro, head, body, 'peer.png', 'peer')}\n\n{PEER_DIFFERENCES}"
 
 
 def main(argv: list[str] | None = None) -> None:
