@@ -283,7 +283,8 @@ def run_demo(
     step = 0
     train_seconds = 0.0
     final_tokens = final_seconds = 0.0
-    bar = tqdm(total=total, desc="demo", unit="step", disable=not progress, leave=False)
+    disable = None if progress else True  # None: no bar when the output is not a terminal
+    bar = tqdm(total=total, desc="demo", unit="step", disable=disable, leave=False)
     for stage in stages:
         curve["stage_start"].append(step)
         for _ in range(stage.steps):

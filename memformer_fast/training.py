@@ -352,7 +352,7 @@ class Trainer:
             total=s.steps,
             initial=min(self.step, s.steps),
             unit="step",
-            disable=not progress,
+            disable=None if progress else True,  # None: no bar when not on a terminal
             dynamic_ncols=True,
         )
         say = log or bar.write
