@@ -55,11 +55,6 @@ class MemformerConfig:
                 f"MemformerConfig.d_model ({self.d_model}) must be divisible by "
                 f"n_heads ({self.n_heads})"
             )
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                "MemformerConfig: the head dimension d_model / n_heads must be even for rotary "
-                f"embeddings, got {self.d_model // self.n_heads}"
-            )
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"MemformerConfig.architecture must be one of {ARCHITECTURES}, "

@@ -20,9 +20,13 @@ def _split_heads(x: Tensor, n_heads: int) -> Tensor:
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of ``x: [B, L, H, Dh]`` with ``cos, sin: [L, 1, Dh / 2]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotary position embedding of ``x: [B, L, H, Dh]`` with ``cos, sin: [L, 1, Dh // 2]``.
+
+    An odd head dimension leaves its last feature unrotated.
+    """
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def check_states(name: str, t: object, width: int, meaning: str) -> Tensor:
@@ -84,7 +88,8 @@ class RotarySelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         head_dim = d_model // n_heads
-        inv_freq = rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        rotary_dim = head_dim - head_dim % 2
+        inv_freq = rope_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:

@@ -219,3 +219,31 @@ def test_sampling_is_seeded():
         for _ in range(2)
     ]
     assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_odd_head_dim(arch):
+    """An odd head dimension works: rotary leaves the last feature unrotated."""
+    model = tiny(arch, d_model=30, n_heads=2)
+    ids = torch.randint(0, 23, (2, 12))
+    loss, memory = model.sequence_loss(ids)
+    assert torch.isfinite(loss) and memory.shape == (2, 3, 30)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+    """Shifting queries and keys together leaves rotary logits unchanged (even and odd Dh)."""
+    from memformer_fast.layers import _rotate
+
+    for head_dim in (8, 9):
+        half = head_dim // 2
+        inv_freq = 10000.0 ** (-torch.arange(0, 2 * half, 2, dtype=torch.float64) / (2 * half))
+        angles = torch.arange(12, dtype=torch.float64)[:, None] * inv_freq
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        q = torch.randn(1, 1, 1, head_dim, dtype=torch.float64).expand(1, 12, 1, head_dim)
+        k = torch.randn(1, 1, 1, head_dim, dtype=torch.float64).expand(1, 12, 1, head_dim)
+        qr, kr = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        logits = torch.einsum("blhd,bmhd->lm", qr, kr)
+        torch.testing.assert_close(logits[3, 1], logits[10, 8])  # both at distance 2
+        torch.testing.assert_close(logits[5, 5], logits[0, 0])
