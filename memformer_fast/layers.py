@@ -60,15 +60,34 @@ def attention_mask_2d(
     A query always sees itself, so a padded query never meets a row of -inf (no NaN) while real
     queries never see padded keys.
     """
-    if key_mask is None and not causal:
+    if key_mask is None:  # nothing to mask, or causal alone: SDPA's is_causal does it
         return None
     allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril()
-    if key_mask is not None:
-        eye = torch.eye(length, dtype=torch.bool, device=device)
-        allowed = allowed & (key_mask[:, None, None, :] | eye)
-    return allowed
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    return allowed & (key_mask[:, None, None, :] | eye)
+
+
+class KVCache:
+    """Keys and values ``[B, H, T, Dh]`` of one attention layer, for token-by-token decoding.
+
+    Generation keeps one per layer for the segment being written: at most ``segment_length``
+    entries, dropped when the segment is complete, so memory stays constant.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions' ``k, v: [B, H, n, Dh]``; return every cached position."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class RotarySelfAttention(nn.Module):
@@ -92,19 +111,33 @@ class RotarySelfAttention(nn.Module):
         inv_freq = rope_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """With ``cache``, ``x`` holds the positions that follow the cached ones (causal, no
+        ``mask``): their keys and values join the cache."""
+        offset = 0 if cache is None else len(cache)
         q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        angles = (
-            torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[:, None] * self.inv_freq
-        )
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq
         cos, sin = angles.cos()[:, None, :].to(q.dtype), angles.sin()[:, None, :].to(q.dtype)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
+        q, k, v = (
+            _rotate(q, cos, sin).transpose(1, 2),
+            _rotate(k, cos, sin).transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=is_causal and mask is None,
+        )
+        if cache is not None:
+            k, v = cache.append(k, v)
+            if offset > 0:  # new queries see every cached position and the new ones causally
+                n = x.shape[1]
+                mask = torch.ones(n, offset + n, dtype=torch.bool, device=x.device).tril(offset)
+                is_causal = False
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None
         )
         return self.out(o.transpose(1, 2).flatten(2))
 
@@ -122,11 +155,23 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """``cache`` keeps the context's keys and values, computed once per context."""
         q = _split_heads(self.q(x), self.n_heads).transpose(1, 2)
-        k, v = (
-            _split_heads(t, self.n_heads).transpose(1, 2) for t in self.kv(context).chunk(2, -1)
-        )
+        if cache is not None and cache.k is not None and cache.v is not None:
+            k, v = cache.k, cache.v
+        else:
+            k, v = (
+                _split_heads(t, self.n_heads).transpose(1, 2) for t in self.kv(context).chunk(2, -1)
+            )
+            if cache is not None:
+                cache.append(k, v)
         mask = None
         if context_mask is not None:  # a batch row with no real context token attends to all of it
             mask = context_mask[:, None, None, :] | ~context_mask.any(-1)[:, None, None, None]
@@ -296,8 +341,10 @@ class MemoryBlock(nn.Module):
         self.ff = FeedForward(d_model, d_ff)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, memory: Tensor, mask: Tensor | None) -> Tensor:
-        h = h + self.dropout(self.attn(self.attn_norm(h), mask, is_causal=self.causal))
+    def forward(
+        self, h: Tensor, memory: Tensor, mask: Tensor | None, cache: KVCache | None = None
+    ) -> Tensor:
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask, self.causal, cache))
         h = h + self.dropout(self.reader(h, memory))
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
@@ -327,10 +374,17 @@ class DecoderBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, h: Tensor, context: Tensor, mask: Tensor | None, context_mask: Tensor | None
+        self,
+        h: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        context_mask: Tensor | None,
+        caches: tuple[KVCache, KVCache] | None = None,
     ) -> Tensor:
-        h = h + self.dropout(self.attn(self.attn_norm(h), mask, is_causal=True))
-        h = h + self.dropout(self.cross(self.cross_norm(h), context, context_mask))
+        """``caches``: the self- and cross-attention caches, for token-by-token decoding."""
+        self_cache, cross_cache = (None, None) if caches is None else caches
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask, True, self_cache))
+        h = h + self.dropout(self.cross(self.cross_norm(h), context, context_mask, cross_cache))
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
 

@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from . import randomness
 from .config import MemformerConfig
-from .layers import DecoderBlock, MemoryBlock, MemoryWriter, attention_mask_2d, init_weights
+from .layers import (
+    DecoderBlock,
+    KVCache,
+    MemoryBlock,
+    MemoryWriter,
+    attention_mask_2d,
+    init_weights,
+)
 
 IGNORE_INDEX = -100
 
@@ -228,13 +235,28 @@ class Memformer(nn.Module):
         ``(context [B, L, D], next memory [B, S, D])``. ``context`` is what the decoder
         cross-attends to (encoder-decoder) or what the LM head reads (decoder).
         """
+        h = self._run_blocks(input_ids, memory, mask)
+        return self.norm(h), self.writer(memory, h, mask)
+
+    def _run_blocks(
+        self,
+        input_ids: Tensor,
+        memory: Tensor,
+        mask: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """The memory-reading blocks: final hidden states ``[B, L, D]`` before the last norm.
+
+        With ``caches`` (one per block; decoder-only generation), ``input_ids`` continue the
+        cached positions of the current segment.
+        """
         h = self.dropout(self.embed(input_ids))
         attn_mask = attention_mask_2d(
             mask, input_ids.shape[1], not self.is_encoder_decoder, h.device
         )
-        for block in self.blocks:
-            h = block(h, memory, attn_mask)
-        return self.norm(h), self.writer(memory, h, mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h, memory, attn_mask, None if caches is None else caches[i])
+        return h
 
     def decode(
         self,
@@ -242,18 +264,21 @@ class Memformer(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         decoder_mask: Tensor | None = None,
+        caches: list[tuple[KVCache, KVCache]] | None = None,
     ) -> Tensor:
         """Logits ``[B, Ld, V]`` of the next tokens given the step's ``context [B, L, D]``.
 
         The decoder-only model reads ``context`` alone (``decoder_input_ids`` may be None).
+        With ``caches`` (a self- and a cross-attention cache per decoder block; generation),
+        ``decoder_input_ids`` continue the cached positions.
         """
         if not self.is_encoder_decoder:
             return self.lm_head(context)
         assert decoder_input_ids is not None, "the encoder-decoder model needs decoder_input_ids"
         h = self.dropout(self.embed(decoder_input_ids))
         mask = attention_mask_2d(decoder_mask, decoder_input_ids.shape[1], True, h.device)
-        for block in self.decoder:
-            h = block(h, context, mask, context_mask)
+        for i, block in enumerate(self.decoder):
+            h = block(h, context, mask, context_mask, None if caches is None else caches[i])
         assert self.decoder_norm is not None
         return self.lm_head(self.decoder_norm(h))
 
@@ -469,31 +494,57 @@ class Memformer(nn.Module):
         # A trailing partial chunk is the start of the segment being generated, except in the
         # encoder-decoder model when it is the whole prompt: then it is a short context segment.
         partial = chunks[-1].shape[1] < L and not (self.is_encoder_decoder and len(chunks) == 1)
-        current = chunks.pop() if partial else prompt_ids[:, :0]
-        context = None
+        current = chunks.pop() if partial else None
+        context: Tensor | None = None
         for chunk in chunks:
             context, memory = self.read_segment(chunk, memory)
-        if not self.is_encoder_decoder and current.shape[1] > 0:
-            context, _ = self.read_segment(current, memory)
-
         bos = prompt_ids.new_full((prompt_ids.shape[0], 1), self.config.bos_token_id)
-
-        def next_logits() -> Tensor:
+        # The segment being generated lives in key/value caches (at most L positions), so each
+        # new token costs one position's work; complete segments are written and dropped.
+        if self.is_encoder_decoder:
             assert context is not None
-            if self.is_encoder_decoder:
-                return self.decode(torch.cat([bos, current], dim=1), context)[:, -1]
-            return self.decode(current, context)[:, -1]
-
+            dec_caches = self._new_caches(pairs=True)
+            first = bos if current is None else torch.cat([bos, current], dim=1)
+            logits = self.decode(first, context, caches=dec_caches)[:, -1]
+        else:
+            caches = self._new_caches()
+            hidden: list[Tensor] = []  # the current segment's final hidden states, for the writer
+            if current is not None:
+                hidden.append(self._run_blocks(current, memory, caches=caches))
+                logits = self.lm_head(self.norm(hidden[-1][:, -1]))
+            else:
+                assert context is not None
+                logits = self.lm_head(context[:, -1])
+        length = 0 if current is None else current.shape[1]
         for _ in range(max_new_tokens):
-            logits = next_logits().float()
-            token = _sample(logits, temperature, top_k, generator)
+            token = _sample(logits.float(), temperature, top_k, generator)
             yield token
-            current = torch.cat([current, token[:, None]], dim=1)
-            if current.shape[1] == L:  # segment complete: write it and start the next one
-                context, memory = self.read_segment(current, memory)
-                current = current[:, :0]
-            elif not self.is_encoder_decoder:
-                context, _ = self.read_segment(current, memory)
+            length += 1
+            if self.is_encoder_decoder:
+                current = (
+                    token[:, None] if current is None else torch.cat([current, token[:, None]], 1)
+                )
+                if length == L:  # segment complete: encode and write it, decode the next one
+                    context, memory = self.read_segment(current, memory)
+                    current, length = None, 0
+                    dec_caches = self._new_caches(pairs=True)
+                    logits = self.decode(bos, context, caches=dec_caches)[:, -1]
+                else:
+                    assert context is not None
+                    logits = self.decode(token[:, None], context, caches=dec_caches)[:, -1]
+            else:
+                hidden.append(self._run_blocks(token[:, None], memory, caches=caches))
+                logits = self.lm_head(self.norm(hidden[-1][:, -1]))
+                if length == L:  # segment complete: write it and start the next one
+                    memory = self.writer(memory, torch.cat(hidden, dim=1))
+                    caches, hidden, length = self._new_caches(), [], 0
+
+    def _new_caches(self, pairs: bool = False) -> list:
+        """Empty key/value caches: one per memory-reading block, or a (self, cross) pair per
+        decoder block."""
+        if pairs:
+            return [(KVCache(), KVCache()) for _ in self.decoder]
+        return [KVCache() for _ in self.blocks]
 
     def generate(
         self, prompt_ids: Tensor, max_new_tokens: int, memory: Tensor | None = None, **sampling
