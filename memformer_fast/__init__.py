@@ -2,16 +2,18 @@
 
 from . import functional, mrbp
 from .config import MemformerConfig
-from .layers import MemoryReader, MemoryWriter
+from .layers import DecoderBlock, MemoryBlock, MemoryReader, MemoryWriter
 from .model import Memformer, MemformerOutput
 from .replay import ReplayBuffer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecoderBlock",
     "Memformer",
     "MemformerConfig",
     "MemformerOutput",
+    "MemoryBlock",
     "MemoryReader",
     "MemoryWriter",
     "ReplayBuffer",
