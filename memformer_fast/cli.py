@@ -50,6 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         segments=args.segments,
         batch_size=args.batch_size,
         steps_per_stage=args.steps_per_stage,
+        key_copies=args.key_copies,
         seed=args.seed,
         device=device,
         backend=args.backend,
@@ -314,8 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps-per-stage",
         type=int,
-        default=80,
-        help="updates per curriculum stage (the last stage gets twice as many)",
+        default=100,
+        help="updates per curriculum stage (2, 4, 8, ... segments; the last gets twice as many)",
+    )
+    demo.add_argument(
+        "--key-copies",
+        type=int,
+        default=1,
+        help="start with a stage of two segments holding this many marker-key pairs (easier; "
+        "default 1: a single key from the start)",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -14,9 +14,18 @@ BACKENDS = ("auto", "reference", "triton")
 class MemformerConfig:
     """Hyper-parameters of a :class:`~memformer_fast.Memformer`.
 
-    The defaults are the paper's WikiText-103 model. ``bias_init_norm`` and ``gate_bias_init`` are
-    part of the contract (SPEC 3.3): a large memory bias wipes the slots every segment and the
-    memory never learns long-range recall.
+    The sizes default to the paper's WikiText-103 model. The initialisation fields decide whether
+    the memory can learn at all, and their defaults are measured (docs/memory_learning.md):
+
+    - ``embedding_init_std=1.0``: token identity dominates the residual stream at init. With
+      GPT-style 0.02 embeddings the writer sees each token blurred with its neighbours and the
+      memory, and single-key recall stays at chance.
+    - ``init_std=None``: linear layers keep PyTorch's fan-in scaled initialisation, so their scale
+      follows the width (a float gives ``normal(0, init_std)``, the old GPT-style default 0.02).
+    - ``tie_embeddings=False``: an output layer of its own; tied to unit-variance embeddings the
+      initial logits would have a standard deviation of ``sqrt(d_model)``.
+    - ``bias_init_norm=0.1``: a large memory bias wipes the slots at every segment.
+    - ``gate_bias_init=-2.0``: the gate starts keeping about 88% of each old slot.
     """
 
     vocab_size: int
@@ -38,7 +47,9 @@ class MemformerConfig:
     layer_norm_eps: float = 1e-5
     bias_init_norm: float = 0.1
     gate_bias_init: float = -2.0
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
+    init_std: float | None = None
+    embedding_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_memory_slots", "segment_length")
@@ -86,7 +97,14 @@ class MemformerConfig:
                 f"MemformerConfig.bos_token_id must be in [0, vocab_size={self.vocab_size}), "
                 f"got {self.bos_token_id}"
             )
-        for name in ("rope_base", "layer_norm_eps", "bias_init_norm"):
+        if self.init_std is not None and not (
+            isinstance(self.init_std, (int, float)) and self.init_std > 0
+        ):
+            raise ValueError(
+                "MemformerConfig.init_std must be None (fan-in scaled) or > 0, "
+                f"got {self.init_std!r}"
+            )
+        for name in ("rope_base", "layer_norm_eps", "bias_init_norm", "embedding_init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"MemformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
 

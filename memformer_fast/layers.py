@@ -388,10 +388,23 @@ class DecoderBlock(nn.Module):
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-style initialisation of linear and embedding weights (biases zero)."""
+def init_weights(module: nn.Module, std: float | None = None, embedding_std: float = 1.0) -> None:
+    """Initialise every linear and embedding weight of ``module``.
+
+    ``std=None`` (the default) keeps PyTorch's fan-in scaled initialisation of linear layers
+    (weights and biases uniform in ``±1 / sqrt(fan_in)``), so the scale follows the width; a float
+    draws weights from ``normal(0, std)`` with zero biases (GPT-style; 0.02 was the old default).
+    Embeddings are ``normal(0, embedding_std)``: token identity must dominate the residual stream
+    at init, or the memory writer sees a blur of its neighbours and single-key recall never starts
+    (docs/memory_learning.md).
+    """
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Linear):
+            if std is None:
+                m.reset_parameters()
+            else:
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=embedding_std)

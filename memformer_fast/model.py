@@ -105,7 +105,7 @@ class Memformer(nn.Module):
             c.gate_bias_init,
         )
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        init_weights(self)
+        init_weights(self, c.init_std, c.embedding_init_std)
         self.writer.reset_memory_parameters()
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -14,6 +14,7 @@ from memformer_fast import Memformer, MemformerConfig, mrbp
 from memformer_fast.cli import main
 from memformer_fast.tasks import (
     FIRST_KEY,
+    MARKER_TOKEN,
     QUERY_TOKEN,
     RecallTask,
     curriculum,
@@ -65,26 +66,39 @@ def test_recall_task_layout() -> None:
     ids, labels, keys = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
     assert ids.shape == labels.shape == (64, 24) and keys.shape == (64,)
     assert task.vocab_size == FIRST_KEY + 12 and task.chance == pytest.approx(0.2)
-    is_key = (ids >= FIRST_KEY) & (ids < FIRST_KEY + 5)
-    # The key appears key_copies times in the first segment, nowhere else but as the answer.
-    assert (is_key[:, :8].sum(1) == 2).all()
-    assert (ids[:, :8].where(is_key[:, :8], 0).amax(1) == keys).all()
-    assert not is_key[:, 8:-1].any()
+    # key_copies marker-key pairs in the first segment, no marker anywhere else.
+    is_marker = ids == MARKER_TOKEN
+    assert (is_marker[:, :8].sum(1) == 2).all() and not is_marker[:, 8:].any()
+    after = torch.roll(is_marker[:, :8], 1, dims=1)
+    assert (ids[:, :8][after].view(64, 2) == keys[:, None]).all()
+    # Other positions hold any content token, keys included: only the marker tells the key.
+    assert ((ids[:, 8:-2] >= FIRST_KEY) & (ids[:, 8:-2] < FIRST_KEY + 5)).any()
     assert (ids[:, -2] == QUERY_TOKEN).all() and (ids[:, -1] == keys).all()
     assert (labels[:, :-1] == -100).all() and (labels[:, -1] == keys).all()
     assert ids.min() >= 1 and ids.max() < task.vocab_size  # token 0 is BOS, never in a sequence
+    single, _, single_keys = task.sample(256, 2, generator=torch.Generator().manual_seed(1))
+    first = single[:, :8]
+    assert ((first == MARKER_TOKEN).sum(1) == 1).all()
+    positions = (first == MARKER_TOKEN).int().argmax(1)
+    assert (first[torch.arange(256), positions + 1] == single_keys).all()
+    assert len(positions.unique()) == 7  # every place a marker-key pair fits
     again, _, _ = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, again)
     with pytest.raises(ValueError, match="num_segments"):
         task.sample(2, 1)
+    with pytest.raises(ValueError, match="key_copies"):
+        task.sample(2, 2, key_copies=5)
 
 
-def test_curriculum_ends_on_the_target() -> None:
-    stages = curriculum(8, 16, 10)
-    assert stages[0].num_segments == 2 and stages[0].key_copies == 16
-    assert [s.num_segments for s in stages if s.key_copies == 1] == [2, 4, 8]
-    assert stages[-1].steps == 20
-    assert curriculum(2, 16, 10)[-1].num_segments == 2
+def test_curriculum_doubles_the_rollout_with_a_single_key() -> None:
+    stages = curriculum(16, 10)
+    assert [(s.num_segments, s.key_copies, s.steps) for s in stages] == [
+        (2, 1, 10), (4, 1, 10), (8, 1, 10), (16, 1, 20),
+    ]  # fmt: skip
+    assert [(s.num_segments, s.key_copies) for s in curriculum(6, 10, key_copies=4)] == [
+        (2, 4), (2, 1), (4, 1), (6, 1),
+    ]  # fmt: skip
+    assert [(s.num_segments, s.steps) for s in curriculum(2, 10)] == [(2, 20)]
 
 
 def test_recall_accuracy_matches_a_manual_evaluation() -> None:
@@ -107,6 +121,30 @@ def test_recall_accuracy_matches_a_manual_evaluation() -> None:
     assert recall_accuracy(model, ids, keys, batch_size=16) == pytest.approx(expected)
     assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
     assert model.training  # restored
+
+
+def test_recall_accuracy_of_the_encoder_decoder_decodes_the_last_segment() -> None:
+    """The encoder-decoder answers while decoding the last segment from the one before it."""
+    torch.manual_seed(0)
+    task = RecallTask(segment_length=8)
+    cfg = MemformerConfig(
+        vocab_size=task.vocab_size, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+        n_decoder_layers=1, n_memory_slots=4, segment_length=8, backend="reference",
+    )  # fmt: skip
+    model = Memformer(cfg).eval()
+    ids, _, keys = task.sample(24, 4, generator=torch.Generator().manual_seed(1))
+    segments = ids.split(8, dim=1)
+    decoder_inputs = torch.cat([torch.zeros(24, 1, dtype=torch.long), segments[-1][:, :-1]], 1)
+    with torch.no_grad():
+        memory = None
+        for segment in segments[:2]:
+            memory = model(segment, memory=memory).memory
+        logits = model(segments[2], memory=memory, decoder_input_ids=decoder_inputs).logits
+        reset = model(segments[2], decoder_input_ids=decoder_inputs).logits
+    expected = (logits[:, -2].argmax(-1) == keys).float().mean().item()
+    expected_reset = (reset[:, -2].argmax(-1) == keys).float().mean().item()
+    assert recall_accuracy(model, ids, keys, batch_size=10) == pytest.approx(expected)
+    assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
 
 
 @pytest.mark.slow
