@@ -597,7 +597,7 @@ def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> Memformer
 
 def resumed_settings(ckpt: dict[str, Any], overrides: dict[str, Any]) -> TrainSettings:
     """The checkpoint's settings updated with ``overrides``; the data layout may not change."""
-    saved = dict(ckpt["settings"])
+    saved = {**asdict(TrainSettings()), **ckpt["settings"]}  # older checkpoints lack new fields
     for name in DATA_LAYOUT:
         if name in overrides and overrides[name] != saved[name]:
             flag = "--" + name.replace("_", "-")
@@ -712,6 +712,8 @@ def evaluate_documents(
     if not documents:
         raise UserError("the held-out text is empty")
     L = model.config.segment_length
+    if not model.is_encoder_decoder and all(len(d) == 1 for d in documents):
+        raise UserError("every file holds one byte: there is nothing to predict")
     if model.is_encoder_decoder and all(len(d) <= L for d in documents):
         raise UserError(
             f"every file fits in one segment of {L} bytes: the encoder-decoder model predicts "

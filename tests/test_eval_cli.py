@@ -31,6 +31,7 @@ from memformer_fast.training import (
     align_documents,
     evaluate_documents,
     load_checkpoint,
+    resumed_settings,
     rollout_inputs,
     token_nll,
 )
@@ -237,6 +238,17 @@ def test_train_and_eval_end_to_end(
         assert sum(b["bytes"] for b in report["by_segment_in_file"]) == report["predicted_bytes"]
         assert report["parameters"] == reports["memory"]["parameters"]
     assert reports["memory"]["step"] == 3
+
+
+def test_checkpoints_from_before_the_reset_options_resume() -> None:
+    """A checkpoint whose settings lack the new fields resumes as a run without resets, and
+    refuses to switch them on."""
+    old = {name: value for name, value in vars(TrainSettings()).items() if "reset" not in name}
+    ckpt = {"path": "old.pt", "settings": old}
+    settings = resumed_settings(ckpt, {"steps": 5})
+    assert settings.steps == 5 and not settings.reset_at_file_boundaries
+    with pytest.raises(Exception, match="--reset-at-file-boundaries False, not True"):
+        resumed_settings(ckpt, {"reset_at_file_boundaries": True})
 
 
 def test_eval_errors_are_one_line(
