@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench real-text
 
 install:
 	$(PIP) install -q "$(TORCH)" "$(TRITON)" ninja "setuptools>=64" wheel
@@ -29,3 +29,9 @@ bench: install
 	MEMFORMER_BENCH_THREADS=1 $(PYTHON) -m pytest benchmarks/ --benchmark-only \
 		--benchmark-json=benchmarks/results/cpu/cpu.json
 	$(PYTHON) benchmarks/report.py benchmarks/results/cpu/cpu.json
+
+# What the memory buys on real text: two ~7-minute trainings side by side on the standard library's
+# sources (with memory, and reset every segment), then both evaluated on held-out files; writes
+# benchmarks/results/real_text/results.{md,json}. `python benchmarks/real_text.py --smoke`: ~1 min.
+real-text: install
+	$(PYTHON) benchmarks/real_text.py

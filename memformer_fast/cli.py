@@ -1,4 +1,4 @@
-"""``memformer-fast`` (also ``python -m memformer_fast``): demo, train, generate, info.
+"""``memformer-fast`` (also ``python -m memformer_fast``): demo, train, eval, generate, info.
 
 A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
 turns a :class:`~memformer_fast.training.UserError` into a one-line message with exit status 2,
@@ -109,6 +109,8 @@ SETTING_FLAGS = (
     "save_every",
     "val_fraction",
     "seed",
+    "reset_at_file_boundaries",
+    "memory_reset_every_segment",
 )
 
 
@@ -130,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         Trainer,
         TrainSettings,
         load_checkpoint,
-        load_corpus,
+        load_documents,
         resumed_config,
         resumed_settings,
     )
@@ -144,7 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_fields = _model_overrides(args)
     if args.max_bytes is not None and args.max_bytes < 1:
         raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
-    corpus, n_files = load_corpus(args.data, args.glob, args.max_bytes)
+    documents = load_documents(args.data, args.glob, args.max_bytes)
+    corpus, n_files = b"".join(documents), len(documents)
     if args.resume:
         ckpt = load_checkpoint(path)
         config = resumed_config(ckpt, model_fields)
@@ -161,9 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UserError(str(error)) from None
         settings = TrainSettings(**overrides)
-    data = ByteData.from_bytes(
-        corpus, settings.segments * config.segment_length, settings.val_fraction
-    )
+    rollout_bytes = settings.segments * config.segment_length
+    if settings.reset_at_file_boundaries:
+        data = ByteData.from_documents(
+            documents, config.segment_length, rollout_bytes, settings.val_fraction
+        )
+    else:
+        data = ByteData.from_bytes(corpus, rollout_bytes, settings.val_fraction)
     if args.resume:
         trainer = Trainer.resume(ckpt, data, settings, device)
     else:
@@ -174,6 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({len(data.train):,} train, {len(data.val):,} held out); {n_params / 1e6:.2f}M "
         f"parameters, {config.architecture}; rollout {settings.segments} x "
         f"{config.segment_length} bytes, batch {settings.batch_size}; {device}"
+        + ("; memory reset at file starts" if settings.reset_at_file_boundaries else "")
+        + ("; memory reset every segment" if settings.memory_reset_every_segment else "")
         + (f"; resuming at step {trainer.step}" if args.resume else ""),
         flush=True,
     )
@@ -191,6 +200,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trainer.history[-1] if trainer.history else None
     summary = f", held-out {last['bits_per_byte']:.3f} bits/byte" if last else ""
     print(f"done: step {trainer.step}{summary}; checkpoint {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .training import (
+        evaluate_documents,
+        format_evaluation,
+        load_checkpoint,
+        load_documents,
+        model_from_checkpoint,
+    )
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(ckpt, device)
+    documents: list[bytes] = []
+    for path in args.text:
+        left = None if args.max_bytes is None else args.max_bytes - sum(map(len, documents))
+        if left is not None and left <= 0:
+            break
+        documents += load_documents(path, args.glob, left)
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    print(
+        f"{PROG} eval: {ckpt['path']} (step {ckpt['step']}, {n_params / 1e6:.2f}M parameters, "
+        f"{c.architecture}, segments of {c.segment_length} bytes) on {len(documents)} file(s), "
+        f"{sum(map(len, documents)):,} bytes; {device}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    report = evaluate_documents(model, documents, args.batch_size, progress=not args.no_progress)
+    report = {
+        "checkpoint": ckpt["path"],
+        "step": int(ckpt["step"]),
+        "parameters": n_params,
+        "config": {k: v for k, v in vars(c).items() if k != "memory_dtype"},
+        "text": [str(p) for p in args.text],
+        "seconds": round(time.perf_counter() - start, 1),
+        **report,
+    }
+    print(format_evaluation(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -379,10 +444,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, help="default 200")
     t.add_argument("--val-fraction", type=float, help="held-out share (default 0.05)")
     t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument(
+        "--reset-at-file-boundaries",
+        action="store_true",
+        default=None,
+        help="start every file on a segment with a fresh memory, and predict no byte from "
+        "another file (files are documents)",
+    )
+    t.add_argument(
+        "--memory-reset-every-segment",
+        action="store_true",
+        default=None,
+        help="the no-memory baseline: reset the memory before every segment (same model, same "
+        "parameter count)",
+    )
     train.add_argument("--device", default="auto")
     train.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="bits per byte on held-out text: memory carried vs reset, by position in the file",
+        description="Evaluate a checkpoint on held-out text files (each file is a document that "
+        "starts with a fresh memory): bits per byte with the memory carried from segment to "
+        "segment, with the memory reset before every segment, and both by the index of the "
+        "segment within its file, so you see what the memory buys as the context grows.",
+    )
+    ev.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
+    ev.add_argument("text", nargs="+", help="text files or folders (their text files, recursively)")
+    ev.add_argument("--glob", help="only files whose name matches, e.g. '*.py'")
+    ev.add_argument("--max-bytes", type=int, help="read at most this many bytes in all")
+    ev.add_argument("--batch-size", type=int, default=16, help="files evaluated side by side")
+    ev.add_argument("--json", help="also write the report as JSON to this file")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser(
         "generate",

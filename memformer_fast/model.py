@@ -42,6 +42,8 @@ class Rollout:
     ``targets[t]`` are the labels scored on step ``t`` (None when all are ignored: no decoder
     work), ``num_targets`` the count over the whole rollout (each step's loss is a sum divided by
     it, so the per-step losses add up to the rollout's mean), ``seed`` the dropout seed or None.
+    ``resets[t]`` is the ``[B]`` bool column of rows whose memory restarts from the initial memory
+    before step ``t`` (None when no row resets there: no work at all).
     """
 
     input_ids: list[Tensor]
@@ -51,6 +53,7 @@ class Rollout:
     decoder_masks: list[Tensor | None]
     num_targets: int
     seed: int | None
+    resets: list[Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -207,6 +210,33 @@ class Memformer(nn.Module):
             )
         return memory
 
+    def _check_resets(
+        self, name: str, resets: object, shape: list[int], meaning: str
+    ) -> Tensor | None:
+        """``resets`` is None or a bool tensor of exactly ``shape`` on the model's device."""
+        if resets is None:
+            return None
+        if not isinstance(resets, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(resets).__name__}")
+        if resets.dtype != torch.bool:
+            raise TypeError(
+                f"{name} must be a bool tensor (True = restart that row's memory), "
+                f"got {resets.dtype}"
+            )
+        if list(resets.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} {meaning}, got {list(resets.shape)}")
+        if resets.device != self.device:
+            raise ValueError(
+                f"{name} must be on the model's device {self.device}, got {resets.device}"
+            )
+        return resets
+
+    def reset_memory(self, memory: Tensor, reset: Tensor) -> Tensor:
+        """``memory [B, S, D]`` with the rows where ``reset [B]`` is True replaced by the initial
+        memory ``M_0``: differentiable in both (the memory bias gets the gradient of the reset
+        rows, ``memory`` that of the others), no host synchronisation."""
+        return torch.where(reset[:, None, None], self.init_memory(memory.shape[0]), memory)
+
     def _check_labels(self, labels: object, like: Tensor) -> Tensor:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
@@ -299,6 +329,8 @@ class Memformer(nn.Module):
         attention_mask: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         labels: Tensor | None = None,
+        *,
+        reset: Tensor | None = None,
     ) -> MemformerOutput:
         """One segment ``input_ids [B, L]`` (``L <= segment_length``) with memory ``M_t``.
 
@@ -308,11 +340,19 @@ class Memformer(nn.Module):
         shifted right behind BOS) and ``logits[:, i]`` are scored against ``labels[:, i]``, the
         next segment's tokens; with neither, only the memory is computed (``logits`` is None).
         ``memory`` in the output is ``M_{t+1}``.
+
+        ``reset [B]`` (bool, keyword-only): the rows where it is True start this segment from the
+        initial memory ``init_memory`` instead of ``memory``, e.g. because a new document starts
+        in that row of a packed batch; the other rows read ``memory`` as usual.
         """
         c = self.config
         input_ids = self._check_ids("input_ids", input_ids, c.segment_length)
         mask = self._check_mask("attention_mask", attention_mask, input_ids)
+        reset = self._check_resets("reset", reset, [input_ids.shape[0]], "[B]")
+        given = memory is not None
         memory = self._check_memory(memory, input_ids.shape[0])
+        if reset is not None and given:  # without a memory every row starts from M_0 anyway
+            memory = self.reset_memory(memory, reset)
         context, new_memory = self.read_segment(input_ids, memory, mask)
         logits = loss = None
         if self.is_encoder_decoder:
@@ -360,21 +400,34 @@ class Memformer(nn.Module):
     # ------------------------------------------------------------------ rollouts
 
     def plan_rollout(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        resets: Tensor | None = None,
     ) -> Rollout:
         """Validate a rollout ``[B, T*L]`` and cut it into segments with their targets.
 
         Decoder: step ``t`` predicts each token's successor (the last token of a segment predicts
         the first of the next). Encoder-decoder: step ``t`` decodes segment ``t + 1``, so the
         first segment is context only. Padded positions (``attention_mask == 0``) and labels equal
-        to -100 are not scored.
+        to -100 are not scored. ``resets [B, T]`` (bool, ``T = ceil(len / segment_length)``):
+        row ``b`` restarts from the initial memory before segment ``t`` where ``resets[b, t]``;
+        it changes the memory only, not which tokens are scored.
         """
         input_ids = self._check_ids("input_ids", input_ids)
         mask = self._check_mask("attention_mask", attention_mask, input_ids)
+        L = self.config.segment_length
+        resets = self._check_resets(
+            "resets",
+            resets,
+            [input_ids.shape[0], -(-input_ids.shape[1] // L)],
+            f"[B, T] (one flag per segment of segment_length={L})",
+        )
         labels = input_ids if labels is None else self._check_labels(labels, input_ids)
         if mask is not None:
             labels = labels.masked_fill(~mask, IGNORE_INDEX)
-        L = self.config.segment_length
         ids = list(input_ids.split(L, dim=1))
         masks: list[Tensor | None] = (
             list(mask.split(L, dim=1)) if mask is not None else [None] * len(ids)
@@ -397,7 +450,44 @@ class Memformer(nn.Module):
             raise ValueError(f"the rollout has no token to predict: {reason}")
         active = self.training and self.config.dropout > 0
         seed = randomness.draw_rollout_seed() if active else None
-        return Rollout(ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed)
+        columns: list[Tensor | None] | None = None
+        if resets is not None:  # one host sync per rollout: which segments reset any row
+            columns = [
+                resets[:, t] if any_reset else None
+                for t, any_reset in enumerate(resets.any(0).tolist())
+            ]
+        return Rollout(
+            ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed, columns
+        )
+
+    def rollout_logits(
+        self,
+        rollout: Rollout,
+        t: int,
+        memory: Tensor,
+        seed: int | None = None,
+        with_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor]:
+        """Segment ``t`` of a rollout: ``(logits of its targets or None, M_{t+1})``.
+
+        The rows that reset before step ``t`` read the initial memory instead of ``memory``. The
+        logits (``[B, L', V]``, aligned with ``rollout.targets[t]``) are None when
+        ``with_logits`` is False or the step has nothing to predict (then the decoder does not
+        run). ``seed`` is the segment's dropout seed (:func:`randomness.segment_seed`); None draws
+        from the global generators as they are.
+        """
+        reset = None if rollout.resets is None else rollout.resets[t]
+        if reset is not None:
+            memory = self.reset_memory(memory, reset)
+        with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), self.device):
+            context, new_memory = self.read_segment(rollout.input_ids[t], memory, rollout.masks[t])
+        if not with_logits or rollout.targets[t] is None:
+            return None, new_memory
+        with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), self.device):
+            logits = self.decode(
+                rollout.decoder_inputs[t], context, rollout.masks[t], rollout.decoder_masks[t]
+            )
+        return logits, new_memory
 
     def rollout_step(
         self,
@@ -410,19 +500,13 @@ class Memformer(nn.Module):
         """Segment ``t`` of a rollout: ``(loss share or None, M_{t+1})``.
 
         The loss share is the segment's summed cross-entropy divided by the rollout's target
-        count; it is None when ``with_loss`` is False or the step has nothing to predict (then the
-        decoder does not run). ``seed`` is the segment's dropout seed
-        (:func:`randomness.segment_seed`); None draws from the global generators as they are.
+        count; it is None when ``with_loss`` is False or the step has nothing to predict. See
+        :meth:`rollout_logits` for resets and ``seed``.
         """
-        with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), self.device):
-            context, new_memory = self.read_segment(rollout.input_ids[t], memory, rollout.masks[t])
+        logits, new_memory = self.rollout_logits(rollout, t, memory, seed, with_loss)
         targets = rollout.targets[t]
-        if not with_loss or targets is None:
+        if logits is None or targets is None:
             return None, new_memory
-        with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), self.device):
-            logits = self.decode(
-                rollout.decoder_inputs[t], context, rollout.masks[t], rollout.decoder_masks[t]
-            )
         loss_sum = F.cross_entropy(
             _upcast(logits).flatten(0, 1),
             targets.flatten(),
@@ -437,14 +521,23 @@ class Memformer(nn.Module):
         memory: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        *,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Full back-propagation through time over a rollout ``[B, T*L]``: ``(loss, M_T)``.
 
         ``loss`` is the mean cross-entropy over every predicted, non-ignored token; ``labels``
         default to ``input_ids`` and are shifted inside (HF causal-LM convention). This keeps every
         segment's activations alive: it is the ground truth that ``mrbp.backward`` reproduces.
+
+        ``resets [B, T]`` (bool, keyword-only; ``T`` segments, the last may be partial): row
+        ``b`` restarts from the initial memory before segment ``t`` where ``resets[b, t]``, for
+        batch rows packed with several documents. The initial memory's bias gets the gradient of
+        every reset point. Resets change the memory only: to score a reset row exactly as a fresh
+        run of it, also set to -100 the labels a fresh run would not predict (decoder: the first
+        token of the reset segment; encoder-decoder: the whole reset segment).
         """
-        rollout = self.plan_rollout(input_ids, attention_mask, labels)
+        rollout = self.plan_rollout(input_ids, attention_mask, labels, resets=resets)
         memory = self._check_memory(memory, rollout.input_ids[0].shape[0])
         total: Tensor | None = None
         for t in range(len(rollout)):
@@ -467,13 +560,16 @@ class Memformer(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        reset: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield ``max_new_tokens`` tokens ``[B]`` one at a time, in constant memory.
 
         The prompt ``[B, P]`` is cut into segments from its start, exactly as ``sequence_loss``
         cuts a rollout; completed segments are written into the memory and dropped, so memory use
         does not grow with the output. ``temperature=0`` is greedy decoding; otherwise sampling
-        (optionally from the ``top_k`` most likely tokens).
+        (optionally from the ``top_k`` most likely tokens). ``reset [B]`` (bool): the rows where it
+        is True start from the initial memory instead of ``memory`` (their prompt begins a new
+        document).
         """
         if (
             isinstance(max_new_tokens, bool)
@@ -488,7 +584,11 @@ class Memformer(nn.Module):
         ):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         prompt_ids = self._check_ids("prompt_ids", prompt_ids)
+        reset = self._check_resets("reset", reset, [prompt_ids.shape[0]], "[B]")
+        given = memory is not None
         memory = self._check_memory(memory, prompt_ids.shape[0])
+        if reset is not None and given:
+            memory = self.reset_memory(memory, reset)
         L = self.config.segment_length
         chunks = list(prompt_ids.split(L, dim=1))
         # A trailing partial chunk is the start of the segment being generated, except in the
@@ -547,13 +647,19 @@ class Memformer(nn.Module):
         return [KVCache() for _ in self.blocks]
 
     def generate(
-        self, prompt_ids: Tensor, max_new_tokens: int, memory: Tensor | None = None, **sampling
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        memory: Tensor | None = None,
+        *,
+        reset: Tensor | None = None,
+        **sampling: Any,
     ) -> Tensor:
         """The ``max_new_tokens`` tokens ``[B, max_new_tokens]`` that follow ``prompt_ids``.
 
-        See :meth:`stream` for the sampling options and the segmentation.
+        See :meth:`stream` for the sampling options, ``reset [B]`` and the segmentation.
         """
-        tokens = list(self.stream(prompt_ids, max_new_tokens, memory, **sampling))
+        tokens = list(self.stream(prompt_ids, max_new_tokens, memory, reset=reset, **sampling))
         if not tokens:
             return prompt_ids.new_empty(prompt_ids.shape[0], 0, dtype=torch.long)
         return torch.stack(tokens, dim=1)

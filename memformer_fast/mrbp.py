@@ -80,6 +80,7 @@ def backward(
     labels: Tensor | None = None,
     offload: bool = False,
     preserve_rng: bool = True,
+    resets: Tensor | None = None,
 ) -> MRBPResult:
     """Accumulate the gradient of the rollout loss into the parameters' ``.grad``.
 
@@ -96,6 +97,12 @@ def backward(
         offload: keep the replay buffer in pinned host memory (CUDA).
         preserve_rng: recreate each segment's dropout masks in the replay (exact gradients). With
             False, the replay draws fresh masks: cheaper bookkeeping, approximate gradients.
+        resets: ``[B, T]`` bool, ``T`` the number of segments: row ``b``'s memory restarts from
+            the initial memory before segment ``t`` where ``resets[b, t]`` (a document starts
+            there), as in ``sequence_loss``. The replay buffer keeps the memory each segment
+            received; the replay applies the reset again, so the memory bias gets the gradient
+            of every reset point and the carried memory none from the reset rows, exactly as in
+            BPTT.
 
     Returns:
         :class:`MRBPResult`.
@@ -110,7 +117,7 @@ def backward(
     for name, flag in (("offload", offload), ("preserve_rng", preserve_rng)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
-    rollout = net.plan_rollout(input_ids, attention_mask, labels)
+    rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
     memory_in = net._check_memory(memory, batch_size) if memory is not None else None
     seeds = [
