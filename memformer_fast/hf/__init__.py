@@ -25,9 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import MemformerCache
 from .configuration import MODEL_TYPE, MemformerHFConfig
-
+from .export import byte_tokenizer, export_checkpoint
 from .modeling import MemformerForCausalLM, MemformerPreTrainedModel
-
+from .trainer import MRBPTrainer, stream_rollouts
 
 AutoConfig.register(MODEL_TYPE, MemformerHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemformerHFConfig, MemformerForCausalLM, exist_ok=True)

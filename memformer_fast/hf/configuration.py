@@ -21,9 +21,7 @@ MODEL_TYPE = "memformer"
 DEFAULT_VOCAB_SIZE = 256
 FIELDS = {f.name: f for f in dataclasses.fields(MemformerConfig)}
 # The fields whose default is a torch.dtype: serialised as the dtype's name.
-DTYPE_FIELDS = frozenset(
-    name for name, f in FIELDS.items() if isinstance(f.default, torch.dtype)
-)
+DTYPE_FIELDS = frozenset(name for name, f in FIELDS.items() if isinstance(f.default, torch.dtype))
 
 
 def dtype_name(value: torch.dtype) -> str:

@@ -238,5 +238,7 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 "different lengths cannot be batched. Batch prompts of equal length, unpadded"
             )
         if kwargs.get("assistant_model") is not None:
-            raise ValueError("assisted generation is not supported: the memory cannot be rolled back")
+            raise ValueError(
+                "assisted generation is not supported: the memory cannot be rolled back"
+            )
         return super().generate(*args, **kwargs)
