@@ -122,6 +122,34 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         wrapped.memformer.load_state_dict(model.state_dict())
         return wrapped.to(model.device)
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, strict: bool = True, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``, strict by default, as ``Memformer.load_state_dict``.
+
+        With ``strict=True`` a checkpoint whose weights do not fit the config (missing,
+        unexpected, or of another shape) raises a ``RuntimeError`` listing every one, where
+        transformers would warn and initialise them at random. ``strict=False`` (or
+        ``ignore_mismatched_sizes=True``) is transformers' behaviour.
+        """
+        if not strict or kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(*args, **kwargs)
+        with_info = kwargs.pop("output_loading_info", False)
+        kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
+        model, info = super().from_pretrained(*args, **kwargs)
+        problems = [
+            f"{key}: expected shape {list(expected)}, got {list(saved)}"
+            for key, saved, expected in sorted(info["mismatched_keys"])
+        ]
+        for kind in ("missing_keys", "unexpected_keys"):
+            if info[kind]:
+                problems.append(f"{kind.replace('_', ' ')}: {sorted(info[kind])}")
+        if problems:
+            raise RuntimeError(
+                "the checkpoint does not fit this MemformerForCausalLM (was it saved with another "
+                "config?); pass strict=False to load it anyway:\n  " + "\n  ".join(problems)
+            )
+        return (model, info) if with_info else model
+
     # --------------------------------------------------------------- embeddings (transformers API)
 
     def get_input_embeddings(self) -> nn.Embedding:
