@@ -293,9 +293,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError('export needs transformers: pip install "memformer_fast[hf]"') from None
     out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(
-        f"wrote {out}: load it with AutoModelForCausalLM / AutoTokenizer after `import memformer_fast.hf`"
-    )
+    print(f"wrote {out}: AutoModelForCausalLM and AutoTokenizer load it (import memformer_fast.hf)")
     return 0
 
 

@@ -8,7 +8,7 @@ fields are kept as their names (``"float32"``) so that ``config.json`` stays pla
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PretrainedConfig
@@ -30,7 +30,7 @@ def dtype_name(value: torch.dtype) -> str:
 
 
 def parse_dtype(name: str, value: object) -> torch.dtype:
-    """A dtype field's value from a ``torch.dtype`` or its name (``"float32"``, ``"torch.float32"``)."""
+    """A dtype field's value from a ``torch.dtype`` or its name (``"float32"``)."""
     if isinstance(value, torch.dtype):
         return value
     if isinstance(value, str):
@@ -54,7 +54,7 @@ class MemformerHFConfig(PretrainedConfig):
     """
 
     model_type = MODEL_TYPE
-    attribute_map = {
+    attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",
         "num_attention_heads": "n_heads",
         "intermediate_size": "d_ff",

@@ -12,7 +12,7 @@ caches of the segment being written) to continue from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ class MemformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "memformer"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _no_split_modules: ClassVar[list[str]] = ["MemoryBlock", "DecoderBlock", "MemoryWriter"]
+    _no_split_modules = ["MemoryBlock", "DecoderBlock", "MemoryWriter"]  # noqa: RUF012
     accepts_loss_kwargs = False  # the loss is a mean over the rollout's predicted tokens
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -120,7 +120,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             raise TypeError(f"model must be a Memformer, got {type(model).__name__}")
         wrapped = cls(MemformerHFConfig.from_memformer_config(model.config))
         wrapped.memformer.load_state_dict(model.state_dict())
-        return wrapped.to(model.device)
+        nn.Module.to(wrapped, model.device)
+        return wrapped
 
     @classmethod
     def from_pretrained(cls, *args: Any, strict: bool = True, **kwargs: Any) -> Any:
@@ -135,7 +136,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             return super().from_pretrained(*args, **kwargs)
         with_info = kwargs.pop("output_loading_info", False)
         kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
-        model, info = super().from_pretrained(*args, **kwargs)
+        loaded: Any = super().from_pretrained(*args, **kwargs)
+        model, info = loaded
         problems = [
             f"{key}: expected shape {list(expected)}, got {list(saved)}"
             for key, saved, expected in sorted(info["mismatched_keys"])
@@ -155,14 +157,14 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.memformer.embed
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.memformer.embed = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.memformer.embed = cast(nn.Embedding, value)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.memformer.lm_head
 
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.memformer.lm_head = value
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.memformer.lm_head = cast(nn.Linear, value)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -218,9 +220,8 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         keep = 0 if labels is not None else logits_to_keep
         logits = advance(m, state, input_ids, mask, memory, keep)
         loss = None if labels is None else self._loss(logits, labels, mask)
-        out = CausalLMOutputWithPast(
-            loss=loss, logits=logits, **{CACHE_FIELD: state if returned else None}
-        )
+        fields: dict[str, Any] = {CACHE_FIELD: state if returned else None}
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
         if return_dict is False:
             return out.to_tuple()
         return out
