@@ -140,7 +140,9 @@ def test_cache_continues_the_stream_in_constant_memory(arch: str) -> None:
     pieces = [x[:, :3], x[:, 3:4], x[:, 4:11], *x[:, 11:].split(1, dim=1)]
     stepped = []
     for piece in pieces:
-        out = hf(piece, past_key_values=cache)
+        # transformers' convention: the mask may cover the cached tokens and the new ones
+        seen_and_new = torch.ones(2, cache.get_seq_length() + piece.shape[1], dtype=torch.long)
+        out = hf(piece, past_key_values=cache, attention_mask=seen_and_new)
         assert out.past_key_values is cache
         stepped.append(out.logits)
         assert cache.length < L and len(cache.hidden) <= L

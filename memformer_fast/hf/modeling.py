@@ -210,6 +210,13 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep}")
         input_ids = m._check_ids("input_ids", input_ids)
+        seen = 0 if state is None else state.get_seq_length()
+        n = input_ids.shape[1]
+        # transformers' convention: the mask may cover the cached tokens and the new ones.
+        if isinstance(attention_mask, Tensor) and seen > 0 and attention_mask.shape[-1] == seen + n:
+            if not bool(attention_mask[..., :seen].bool().all()):
+                raise ValueError("attention_mask: padding in cached tokens is not supported")
+            attention_mask = attention_mask[..., seen:]
         mask = m._check_mask("attention_mask", attention_mask, input_ids)
         if labels is not None:
             labels = m._check_labels(labels, input_ids)
