@@ -312,7 +312,11 @@ def test_loading_a_checkpoint_of_another_shape_fails_clearly(tmp_path: Path) -> 
     with pytest.raises(RuntimeError, match=r"missing keys: \['memformer.blocks.2"):
         MemformerForCausalLM.from_pretrained(tmp_path)
     loose = MemformerForCausalLM.from_pretrained(tmp_path, strict=False)
-    assert len(loose.memformer.blocks) == 3
+    assert len(loose.memformer.blocks) == 3  # the new block initialised as Memformer does
+    new = loose.memformer.blocks[2]
+    assert torch.equal(new.attn_norm.weight, torch.ones(16)) and new.ff[0].weight.std() > 0
+    assert torch.equal(new.attn.inv_freq, loose.memformer.blocks[0].attn.inv_freq)
+    assert all(torch.isfinite(p).all() for p in loose.parameters())
 
 
 def test_export_cli_writes_a_folder_auto_classes_load(
@@ -379,6 +383,12 @@ def test_mrbp_trainer_three_steps(tmp_path: Path) -> None:
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert trainer.memory is not None and trainer.memory.shape == (2, 3, 16)
+    # evaluation goes through forward with labels: the mean of sequence_loss over the batches
+    metrics = trainer.evaluate(data[:4])
+    hf.eval()
+    batches = [torch.stack([d["input_ids"] for d in data[k : k + 2]]) for k in (0, 2)]
+    expected = sum(hf.memformer.sequence_loss(b)[0].item() for b in batches) / 2
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -142,7 +142,9 @@ def stream_rollouts(
     rollouts of ``rollout_length`` tokens; the examples are ordered so that, read in order with
     ``per_device_train_batch_size=batch_size`` (and each process taking every
     ``num_processes``-th batch, as ``accelerate`` shards a sequential loader), every batch
-    continues the previous batch of its process row by row. Returns ``[{"input_ids": [R]}]``.
+    continues the previous batch of its process row by row. Returns
+    ``[{"input_ids": [R], "labels": [R]}]`` (labels are the ids: the Trainer's evaluation needs
+    them; ``forward`` shifts them inside).
     """
     for name, value in (
         ("batch_size", batch_size),
@@ -162,4 +164,8 @@ def stream_rollouts(
         )
     streams = tokens[: n_streams * per_stream].view(n_streams, per_stream)
     rollouts = streams.split(rollout_length, dim=1)  # [n_streams, R] per rollout index
-    return [{"input_ids": rollout[row]} for rollout in rollouts for row in range(n_streams)]
+    return [
+        {"input_ids": rollout[row], "labels": rollout[row]}
+        for rollout in rollouts
+        for row in range(n_streams)
+    ]
