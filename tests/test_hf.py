@@ -266,6 +266,16 @@ def test_padded_batches_are_refused_equal_lengths_batch() -> None:
     padded = hf(prompt, attention_mask=mask).past_key_values  # a padded forward is fine ...
     with pytest.raises(ValueError, match="built from a padded input"):
         hf(prompt[:, :1], past_key_values=padded)  # ... but its cache cannot be continued
+    cache = hf(prompt[:, :3]).past_key_values  # inside a segment: no key mask for the cache
+    with pytest.raises(ValueError, match="only where a segment starts"):
+        hf(
+            prompt[:, 3:],
+            past_key_values=cache,
+            attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        )
+    assert cache.get_seq_length() == 3 and not cache.padded  # nothing changed
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        hf(prompt, output_attentions=True)
     batch = hf.generate(prompt, max_new_tokens=4, do_sample=False)
     for row in range(2):
         alone = hf.generate(prompt[row : row + 1], max_new_tokens=4, do_sample=False)

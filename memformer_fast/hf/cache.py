@@ -170,11 +170,10 @@ def advance(
             f"input_ids must have the cache's batch size {cache.memory.shape[0]}, "
             f"got {input_ids.shape[0]}"
         )
-    if mask is not None:
-        cache.padded = True
     step = _advance_encoder_decoder if model.is_encoder_decoder else _advance_decoder
     logits = step(model, cache, input_ids, mask, keep if keep > 0 else input_ids.shape[1])
     cache.seen += input_ids.shape[1]
+    cache.padded = mask is not None
     return logits
 
 

@@ -191,6 +191,9 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
         if unknown:
             raise TypeError(f"MemformerForCausalLM.forward got unexpected arguments {unknown}")
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not supported: the fused kernels return neither")
         if inputs_embeds is not None:
             raise ValueError("MemformerForCausalLM reads input_ids; inputs_embeds is not supported")
         if input_ids is None:
