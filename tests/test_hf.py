@@ -189,6 +189,41 @@ def test_sampling_draws_what_memformer_stream_draws(arch: str) -> None:
     assert torch.equal(tiny_p[:, 7:], model.generate(prompt, 6))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_does_one_positions_work_per_new_token(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, hf = wrapped(arch)
+    m = hf.memformer
+    widths: dict[str, list[int]] = {"blocks": [], "decoder": [], "encoder": []}
+    run_blocks, decode, read_segment = m._run_blocks, m.decode, m.read_segment
+
+    def spy_blocks(input_ids, *args, **kwargs):
+        widths["blocks"].append(input_ids.shape[1])
+        return run_blocks(input_ids, *args, **kwargs)
+
+    def spy_decode(decoder_input_ids, *args, **kwargs):
+        if decoder_input_ids is not None:
+            widths["decoder"].append(decoder_input_ids.shape[1])
+        return decode(decoder_input_ids, *args, **kwargs)
+
+    def spy_read(input_ids, *args, **kwargs):
+        widths["encoder"].append(input_ids.shape[1])
+        return read_segment(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(m, "_run_blocks", spy_blocks)
+    monkeypatch.setattr(m, "decode", spy_decode)
+    monkeypatch.setattr(m, "read_segment", spy_read)
+    prompt, new = ids(1, 2 * L + 2), 6 * L
+    out = hf.generate(prompt, max_new_tokens=new, do_sample=False)
+    assert torch.equal(out[:, prompt.shape[1] :], model.generate(prompt, new))
+    if arch == "decoder":  # the prompt in segment-sized pieces, then one position per token
+        assert widths["blocks"] == [L, L, 2] + [1] * (new - 1)
+    else:  # each segment encoded once when complete; the decoder reads one token at a time
+        assert widths["encoder"] == [L] * ((2 * L + 2 + new - 1) // L)
+        assert max(widths["decoder"]) <= 2 and sum(widths["decoder"]) < 2 * (new + L)
+
+
 def reference_beam_search(hf: MemformerForCausalLM, prompt: list[int], beams: int, steps: int):
     """Beam search by brute force: every step rescores every beam's whole sequence from scratch
     (no cache), keeps the ``beams`` best (sum of log-probabilities) of all extensions."""
@@ -428,6 +463,8 @@ def test_mrbp_trainer_step_gradients_are_mrbp_backward_averaged(arch: str, tmp_p
 def test_mrbp_trainer_refuses_fp16_and_foreign_batches(tmp_path: Path) -> None:
     _, hf = wrapped("decoder")
     trainer = MRBPTrainer(model=hf, args=training_args(tmp_path))
+    with pytest.raises(ValueError, match="does not support fp16=True"):
+        MRBPTrainer(model=hf, args=training_args(tmp_path, fp16=True))
     with pytest.raises(ValueError, match="token_type_ids"):
         trainer.training_step(hf, {"input_ids": ids(2, L), "token_type_ids": ids(2, L)})
     with pytest.raises(TypeError, match="carry_memory must be a bool"):
@@ -446,3 +483,36 @@ def test_stream_rollouts_continue_each_stream_batch_after_batch() -> None:
             assert torch.equal(following[:, 0], previous[:, -1] + 1)
     with pytest.raises(ValueError, match="fewer than one rollout"):
         stream_rollouts(torch.arange(10), batch_size=4, rollout_length=5)
+
+
+def test_mrbp_trainer_bf16_runs_the_rollout_under_autocast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, hf = wrapped("decoder", n_decoder_layers=1)
+    data = stream_rollouts(torch.arange(400) % 7, batch_size=2, rollout_length=2 * L)
+    args = training_args(tmp_path, max_steps=1, gradient_accumulation_steps=1, bf16=True)
+    trainer = MRBPTrainer(model=hf, args=args, train_dataset=data)
+    autocast: list[bool] = []
+    read_segment = hf.memformer.read_segment
+
+    def spy(*args: object, **kwargs: object):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return read_segment(*args, **kwargs)
+
+    monkeypatch.setattr(hf.memformer, "read_segment", spy)
+    trainer.train()
+    assert autocast and all(autocast)
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    assert all(p.dtype == torch.float32 for p in hf.parameters())
+
+
+def test_export_without_transformers_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n.startswith("memformer_fast.hf")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert 'pip install "memformer_fast[hf]"' in capsys.readouterr().err

@@ -238,7 +238,10 @@ def _advance_encoder_decoder(
         completes = cache.length + ids.shape[1] == L
         # The token that completes a segment is predicted from the next segment's BOS.
         decoded = ids[:, :-1] if completes else ids
-        if cache.context is not None and decoded.shape[1] > 0:  # also fills the decoder caches
+        # The decoder runs where logits are kept, and on a segment left incomplete (to fill its
+        # caches); a prompt's complete segments are only encoded, as in Memformer.stream.
+        wanted = start + decoded.shape[1] > n - keep or not completes
+        if cache.context is not None and decoded.shape[1] > 0 and wanted:
             out = model.decode(
                 decoded, cache.context, cache.context_mask, caches=cache.decoder_caches
             )
