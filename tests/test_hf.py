@@ -123,6 +123,10 @@ def test_forward_loss_and_logits_are_the_models(arch: str) -> None:
         first = model(x[:, :L], model.init_memory(2), labels=x[:, L : 2 * L])
         assert out.logits[:, : L - 1].isnan().all() and not out.logits[:, L - 1 :].isnan().any()
         assert relative_error(out.logits[:, L - 1 : 2 * L - 1], first.logits) < 1e-6
+    broken = copy.deepcopy(hf)
+    with torch.no_grad():
+        broken.memformer.lm_head.weight[0, 0] = float("nan")
+    assert broken(x, labels=x).loss.isnan()  # a diverged model is not hidden by the NaN fill
     with pytest.raises(ValueError, match="no token to predict"):
         hf(x[:, :1], labels=x[:, :1])
     with pytest.raises(ValueError, match="inputs_embeds"):

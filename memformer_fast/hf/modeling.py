@@ -227,9 +227,13 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         state = MemformerCache() if state is None else state
         if memory is not None and state.memory is not None:
             memory = None  # generate() passes it on every step: it is M_0 of an empty cache only
+        # The encoder-decoder predicts nothing inside a stream's first segment but its last token.
+        unpredicted = 0
+        if m.is_encoder_decoder and state.context is None:
+            unpredicted = min(m.config.segment_length - state.length, n) - 1
         keep = 0 if labels is not None else logits_to_keep
         logits = advance(m, state, input_ids, mask, memory, keep)
-        loss = None if labels is None else self._loss(logits, labels, mask)
+        loss = None if labels is None else self._loss(logits, labels, mask, unpredicted)
         fields: dict[str, Any] = {CACHE_FIELD: state if returned else None}
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
         if return_dict is False:
@@ -237,15 +241,14 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         return out
 
     @staticmethod
-    def _loss(logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    def _loss(logits: Tensor, labels: Tensor, mask: Tensor | None, unpredicted: int) -> Tensor:
         """Mean cross-entropy of ``logits[:, i]`` against ``labels[:, i + 1]`` over the predicted
-        (non-NaN), real (``mask``) and non-ignored positions: ``sequence_loss``'s definition."""
-        targets = labels[:, 1:]
+        (from position ``unpredicted`` on), real (``mask``) and non-ignored positions:
+        ``sequence_loss``'s definition. A non-finite logit makes a non-finite loss."""
+        targets = labels[:, unpredicted + 1 :]
         if mask is not None:
-            targets = targets.masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        scores = logits[:, :-1]
-        predicted = ~scores[..., 0].isnan()
-        targets = targets.masked_fill(~predicted, IGNORE_INDEX)
+            targets = targets.masked_fill(~mask[:, unpredicted + 1 :], IGNORE_INDEX)
+        scores = logits[:, unpredicted:-1]
         count = int((targets != IGNORE_INDEX).sum())
         if count == 0:
             raise ValueError(
@@ -253,7 +256,6 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 "where the model makes no prediction (the encoder-decoder predicts from the "
                 "second segment on)"
             )
-        scores = scores.masked_fill(~predicted[..., None], 0.0)  # NaN * 0 would poison the sum
         upcast = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
         total = F.cross_entropy(
             upcast.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
