@@ -38,15 +38,10 @@ from memformer_fast.training import Trainer as ByteTrainer  # noqa: E402
 
 ARCHS = ("decoder", "encoder-decoder")
 V, L = 23, 5  # tiny_config's vocabulary and segment length
-REAL_EMPTY = torch.empty  # before conftest's NaN-filling fixture replaces it
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_real_empty(monkeypatch: pytest.MonkeyPatch) -> object:
-    """One thread (tiny models); and the real ``torch.empty``: transformers' loader builds
-    placeholders with it, and NaN-filling them hides its missing-key report (no kernel of ours
-    runs here that the NaN fill would check)."""
-    monkeypatch.setattr(torch, "empty", REAL_EMPTY)
+def _one_thread() -> object:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -99,6 +94,20 @@ def test_config_errors_name_the_field_and_the_model_type(tmp_path: Path) -> None
         MemformerForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="MemformerHFConfig"):
         MemformerForCausalLM(GPT2Config())  # type: ignore[arg-type]
+
+
+def test_a_new_model_is_initialised_as_memformer_is() -> None:
+    torch.manual_seed(0)
+    hf = MemformerForCausalLM(MemformerHFConfig.from_memformer_config(tiny_config("decoder")))
+    m = hf.memformer
+    assert torch.allclose(m.writer.bias.norm(dim=-1), torch.full((3,), 0.1))
+    assert m.writer.gate is not None and torch.equal(m.writer.gate.bias, torch.full((16,), -2.0))
+    assert torch.equal(m.norm.weight, torch.ones(16)) and torch.equal(m.norm.bias, torch.zeros(16))
+    assert m.embed.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert m.lm_head.weight is m.embed.weight
+    fresh = Memformer(tiny_config("decoder"))
+    for (name, buffer), other in zip(m.named_buffers(), fresh.buffers()):
+        assert torch.equal(buffer, other), name
 
 
 # ----------------------------------------------------------------------------------- forward

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..layers import MemoryWriter, RotarySelfAttention
+from ..layers import MemoryWriter, RotarySelfAttention, init_weights
 from ..model import IGNORE_INDEX, Memformer
 from .cache import MemformerCache, advance
 from .configuration import MemformerHFConfig
@@ -46,12 +46,12 @@ class MemformerPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False  # the loss is a mean over the rollout's predicted tokens
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise what a checkpoint did not provide, as ``Memformer.__init__`` does.
+        """Initialise ``module``'s own weights as ``Memformer.__init__`` does.
 
-        A fresh model keeps the weights ``Memformer`` gave it (they are marked initialised in
-        ``__init__``); ``from_pretrained`` builds the model on the meta device and calls this for
-        the modules holding weights it did not load, and for the rotary frequencies, which are
-        not saved. transformers' guarded init functions skip every loaded tensor.
+        transformers calls this for every module of a new model (children first), and in
+        ``from_pretrained`` for the weights the checkpoint did not provide and the rotary
+        frequencies (not saved); its guarded init functions skip every loaded tensor, and the
+        memory bias is rescaled only where it was drawn here.
         """
         from transformers import initialization as init
 
@@ -69,15 +69,12 @@ class MemformerPreTrainedModel(PreTrainedModel):
                 with torch.no_grad():
                     bias.normal_()
                     bias.mul_(c.bias_init_norm / bias.norm(dim=-1, keepdim=True))
-            if module.gate is not None:
+            if module.gate is not None:  # after the gate's own (zero) init: children come first
                 init.constant_(module.gate.bias, c.gate_bias_init)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                init.zeros_(module.bias)
+            init_weights(module)
         elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+            module.reset_parameters()
 
 
 class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
@@ -107,10 +104,6 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             raise TypeError(f"config must be a MemformerHFConfig, got {type(config).__name__}")
         super().__init__(config)
         self.memformer = Memformer(config.to_memformer_config())
-        fresh = self.memformer.embed.weight.device.type != "meta"
-        if fresh:  # Memformer initialised every weight already: keep them (see _init_weights)
-            for tensor in (*self.parameters(), *self.buffers()):
-                tensor._is_hf_initialized = True  # type: ignore[attr-defined]
         self.post_init()
 
     @classmethod
