@@ -69,7 +69,8 @@ def test_config_holds_every_field_once_and_round_trips(tmp_path: Path) -> None:
     config = tiny_config("encoder-decoder", memory_dtype=torch.float64, dropout=0.25)
     hf = MemformerHFConfig.from_memformer_config(config)
     assert hf.to_memformer_config() == config
-    assert (hf.hidden_size, hf.num_attention_heads, hf.tie_word_embeddings) == (16, 2, True)
+    assert (hf.hidden_size, hf.num_attention_heads) == (16, 2)
+    assert hf.tie_word_embeddings is config.tie_embeddings
     hf.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     for field in dataclasses.fields(MemformerConfig):
@@ -103,8 +104,9 @@ def test_a_new_model_is_initialised_as_memformer_is() -> None:
     assert torch.allclose(m.writer.bias.norm(dim=-1), torch.full((3,), 0.1))
     assert m.writer.gate is not None and torch.equal(m.writer.gate.bias, torch.full((16,), -2.0))
     assert torch.equal(m.norm.weight, torch.ones(16)) and torch.equal(m.norm.bias, torch.zeros(16))
-    assert m.embed.weight.std().item() == pytest.approx(0.02, rel=0.2)
-    assert m.lm_head.weight is m.embed.weight
+    std = m.config.embedding_init_std
+    assert m.embed.weight.std().item() == pytest.approx(std, rel=0.2)
+    assert (m.lm_head.weight is m.embed.weight) is m.config.tie_embeddings
     fresh = Memformer(tiny_config("decoder"))
     for (name, buffer), other in zip(m.named_buffers(), fresh.buffers()):
         assert torch.equal(buffer, other), name

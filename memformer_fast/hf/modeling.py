@@ -72,7 +72,7 @@ class MemformerPreTrainedModel(PreTrainedModel):
             if module.gate is not None:  # after the gate's own (zero) init: children come first
                 init.constant_(module.gate.bias, c.gate_bias_init)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init_weights(module)
+            init_weights(module, c.init_std, c.embedding_init_std)
         elif isinstance(module, nn.LayerNorm):
             module.reset_parameters()
 
