@@ -10,7 +10,7 @@ TRITON ?= triton==3.6.0
 
 install:
 	$(PIP) install -q "$(TORCH)" "$(TRITON)" ninja "setuptools>=64" wheel
-	$(PIP) install -q --no-build-isolation -e ".[test,demo]"
+	$(PIP) install -q --no-build-isolation -e ".[test,demo,hf]"
 
 demo: install
 	memformer-fast demo

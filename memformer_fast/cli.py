@@ -1,4 +1,5 @@
-"""``memformer-fast`` (also ``python -m memformer_fast``): demo, train, eval, generate, info.
+"""``memformer-fast`` (also ``python -m memformer_fast``): demo, train, eval, generate, export,
+info.
 
 A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
 turns a :class:`~memformer_fast.training.UserError` into a one-line message with exit status 2,
@@ -349,6 +350,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from .hf import export_checkpoint
+    except ImportError:
+        raise UserError('export needs transformers: pip install "memformer_fast[hf]"') from None
+    out = export_checkpoint(args.checkpoint, args.out_dir)
+    print(f"wrote {out}: AutoModelForCausalLM and AutoTokenizer load it (import memformer_fast.hf)")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- parser
 
 
@@ -496,6 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
+
+    export = sub.add_parser(
+        "export",
+        help="convert a train checkpoint to a Hugging Face model folder (needs [hf])",
+        description="Write a checkpoint as config.json, model.safetensors and the byte-level "
+        "tokenizer, loadable with transformers' AutoModelForCausalLM and AutoTokenizer.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
+    export.add_argument("out_dir", metavar="DIR", help="output folder (new or empty)")
+    export.set_defaults(func=cmd_export)
 
     info = sub.add_parser("info", help="versions, devices, backends and the compiled extension")
     info.set_defaults(func=cmd_info)

@@ -1,0 +1,108 @@
+"""``MemformerHFConfig``: a ``transformers`` configuration holding every ``MemformerConfig`` field.
+
+The field list, the defaults and the validation all come from :class:`MemformerConfig` itself
+(``dataclasses.fields``), so a field added there appears here without another edit. ``torch.dtype``
+fields are kept as their names (``"float32"``) so that ``config.json`` stays plain JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from transformers import PretrainedConfig
+
+from ..config import MemformerConfig
+
+MODEL_TYPE = "memformer"
+# vocab_size is the one MemformerConfig field without a default; the HF config needs one for
+# ``MemformerHFConfig()`` (the byte vocabulary of ``memformer-fast train``).
+DEFAULT_VOCAB_SIZE = 256
+FIELDS = {f.name: f for f in dataclasses.fields(MemformerConfig)}
+# The fields whose default is a torch.dtype: serialised as the dtype's name.
+DTYPE_FIELDS = frozenset(name for name, f in FIELDS.items() if isinstance(f.default, torch.dtype))
+
+
+def dtype_name(value: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(value).removeprefix("torch.")
+
+
+def parse_dtype(name: str, value: object) -> torch.dtype:
+    """A dtype field's value from a ``torch.dtype`` or its name (``"float32"``)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"MemformerHFConfig.{name} must be a torch.dtype or its name, got {value!r}")
+
+
+class MemformerHFConfig(PretrainedConfig):
+    """Every :class:`~memformer_fast.MemformerConfig` field as a ``transformers`` config attribute.
+
+    ``MemformerHFConfig(**fields)`` takes the ``MemformerConfig`` fields (same names, same
+    defaults; ``vocab_size`` defaults to 256, the byte vocabulary) plus the usual
+    ``PretrainedConfig`` keywords, and validates them with ``MemformerConfig``'s own checks.
+    ``hidden_size``, ``num_attention_heads``, ``intermediate_size``, ``num_hidden_layers`` and
+    ``tie_word_embeddings`` are aliases of ``d_model``, ``n_heads``, ``d_ff``,
+    ``n_decoder_layers`` and ``tie_embeddings``. Both architectures are causal LMs to
+    ``transformers`` (``is_encoder_decoder`` stays False): the encoder-decoder reads segment
+    ``t`` and predicts segment ``t + 1`` of the same token stream.
+    """
+
+    model_type = MODEL_TYPE
+    attribute_map: ClassVar[dict[str, str]] = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "intermediate_size": "d_ff",
+        "num_hidden_layers": "n_decoder_layers",
+        "tie_word_embeddings": "tie_embeddings",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        model_type = kwargs.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(
+                f"MemformerHFConfig needs a config of model_type {MODEL_TYPE!r}, got "
+                f"model_type {model_type!r} (a checkpoint of another model?)"
+            )
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                if name in kwargs and kwargs[name] != kwargs[alias]:
+                    raise ValueError(
+                        f"MemformerHFConfig got {alias}={kwargs[alias]!r} and {name}="
+                        f"{kwargs[name]!r}: they are the same field"
+                    )
+                kwargs[name] = kwargs.pop(alias)
+        values: dict[str, Any] = {}
+        for name, f in FIELDS.items():
+            if name in kwargs:
+                values[name] = kwargs.pop(name)
+            elif f.default is not dataclasses.MISSING:
+                values[name] = f.default
+            else:
+                values[name] = DEFAULT_VOCAB_SIZE if name == "vocab_size" else None
+        for name in DTYPE_FIELDS:
+            values[name] = parse_dtype(name, values[name])
+        MemformerConfig(**values)  # its validation: a bad field raises a ValueError naming it
+        for name, value in values.items():
+            setattr(self, name, dtype_name(value) if name in DTYPE_FIELDS else value)
+        super().__init__(**kwargs)
+
+    def to_memformer_config(self) -> MemformerConfig:
+        """The :class:`MemformerConfig` these attributes describe (validated again: attributes can
+        be edited after construction)."""
+        values = {name: getattr(self, name) for name in FIELDS}
+        for name in DTYPE_FIELDS:
+            values[name] = parse_dtype(name, values[name])
+        return MemformerConfig(**values)
+
+    @classmethod
+    def from_memformer_config(cls, config: MemformerConfig, **kwargs: Any) -> MemformerHFConfig:
+        """The HF config of a :class:`MemformerConfig` (``kwargs``: ``PretrainedConfig`` extras)."""
+        if not isinstance(config, MemformerConfig):
+            raise TypeError(f"config must be a MemformerConfig, got {type(config).__name__}")
+        return cls(**{f: getattr(config, f) for f in FIELDS}, **kwargs)
