@@ -151,7 +151,7 @@ def test_recall_accuracy_of_the_encoder_decoder_decodes_the_last_segment() -> No
 def test_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A tiny seeded demo: the memory model recalls, the reset model guesses."""
     code, out, _ = run(
-        capsys, "demo", "--segments", "4", "--steps-per-stage", "40", "--batch-size", "16",
+        capsys, "demo", "--segments", "4", "--steps-per-stage", "60", "--batch-size", "32",
         "--out", str(tmp_path),
         "--no-progress",
     )  # fmt: skip
