@@ -122,16 +122,39 @@ def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: "ieee" everywhere. float32 inputs must not silently drop to
-    tf32 (SPEC 6 asks for 1e-4 relative error), and "tf32x3" spills registers even on small tiles;
-    the 16-bit inputs, the ones that matter for speed, use tensor cores whatever this says."""
-    return "ieee"
+# ``tl.dot`` input precision, "ieee" everywhere: float32 inputs must not silently drop to tf32 (the
+# float32 kernels promise 1e-4 relative error) and "tf32x3" spills registers even on small tiles;
+# float16/bfloat16 inputs, the ones that matter for speed, use tensor cores whatever this says.
+DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
-def kernel_dtype_args(dtype: torch.dtype) -> dict[str, object]:
-    """The constexprs every dot kernel derives from its input dtype."""
-    return {"ACC_DTYPE": acc_dtype(dtype), "DOT_PRECISION": dot_precision(dtype)}
+@triton.jit
+def softmax_bwd_kv_tile(
+    b_k, b_v, b_qT, b_do, b_lse, b_delta, m_p, scale, b_dk, b_dv, ACC_DTYPE: tl.constexpr
+):
+    """One tile of an attention backward's dk/dv loop, keys as rows (shared by the memory read,
+    whose keys are slots, and the memory write, whose keys are tokens).
+
+    b_k, b_v: [BLOCK_K, BLOCK_D]; b_qT: [BLOCK_D, BLOCK_Q] (queries transposed); b_do:
+    [BLOCK_Q, BLOCK_D]; b_lse, b_delta: [BLOCK_Q]; m_p: which of the [BLOCK_K, BLOCK_Q] entries
+    are real. Returns ``(b_dk + dS^T q, b_dv + P^T do)``: dk is still to be multiplied by scale.
+    P and dS are rounded to the input dtype before their matmuls, as flash-attention does.
+    """
+    b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+    b_pT = tl.where(m_p, tl.exp(b_sT - b_lse[None, :]), 0.0)
+    b_dv = tl.dot(
+        b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+    )
+    b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    b_dk = tl.dot(
+        b_dsT.to(b_qT.dtype),
+        tl.trans(b_qT),
+        b_dk,
+        input_precision=DOT_PRECISION,
+        out_dtype=ACC_DTYPE,
+    )
+    return b_dk, b_dv
 
 
 def head_dim_tile(op: str, Dh: int) -> int:
