@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_validate.sh [--dry-run] [OUT_DIR]
 #
-# Stages, each under its own `timeout` (a hang costs that stage's limit, never the session), each
-# writing into OUT_DIR (default $OUT/gpu-validate, else benchmarks/results/gpu-validate):
+# Stages, each under its own `timeout` (a hang costs that stage's limit, never the session; the
+# limits add up to 590 s, under the device tool's 600 s per command), each writing into OUT_DIR (default $OUT/gpu-validate, else benchmarks/results/gpu-validate):
 #   env          GPU, driver, versions                                  env.json
 #   build        the CUDA extension for sm_90 (MAX_JOBS=16)             build.log
 #   info         python -m memformer_fast info                          info.log
@@ -57,26 +57,26 @@ stage() {
         "$name" "$rc" "$seconds" "$limit" >> "$OUT_DIR/stages.jsonl"
 }
 
-stage env 60 "$PY" benchmarks/gpu_validate.py env --out "$OUT_DIR" "${FLAGS[@]}"
+stage env 30 "$PY" benchmarks/gpu_validate.py env --out "$OUT_DIR" "${FLAGS[@]}"
 if ((DRY_RUN)); then
     echo "== build: skipped in a dry run (the installed build is used)"
 else
-    stage build 300 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 \
+    stage build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 \
         "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-stage info 60 "$PY" -m memformer_fast info
+stage info 30 "$PY" -m memformer_fast info
 if ((DRY_RUN)); then
     # The same invocation on one quick test per file: proves the command, not the kernels.
-    stage tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    stage tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py \
         -k "(test_memory_read and float32 and B2-L17) or test_extension_is_built or test_write_all_padding"
 else
-    stage tests 240 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
+    stage tests 200 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py
 fi
-stage correctness 120 "$PY" benchmarks/gpu_validate.py correctness --out "$OUT_DIR" "${FLAGS[@]}"
-stage kernels 120 "$PY" benchmarks/gpu_validate.py kernels --out "$OUT_DIR" "${FLAGS[@]}"
-stage training 120 "$PY" benchmarks/gpu_validate.py training --out "$OUT_DIR" "${FLAGS[@]}"
+stage correctness 60 "$PY" benchmarks/gpu_validate.py correctness --out "$OUT_DIR" "${FLAGS[@]}"
+stage kernels 60 "$PY" benchmarks/gpu_validate.py kernels --out "$OUT_DIR" "${FLAGS[@]}"
+stage training 60 "$PY" benchmarks/gpu_validate.py training --out "$OUT_DIR" "${FLAGS[@]}"
 "$PY" benchmarks/gpu_validate.py report --out "$OUT_DIR" --command "$COMMAND" "${FLAGS[@]}" \
     > /dev/null || FAILED=1
 echo "== wrote $OUT_DIR/results.json and $OUT_DIR/results.md"
