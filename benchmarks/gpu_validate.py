@@ -441,7 +441,7 @@ def _markdown(report: dict[str, Any]) -> str:
     kernels = report.get("kernels")
     if kernels:
         rates = kernels["rates"]
-        lines += ["", f"## Kernels (copy {rates["copy_bytes_per_s"] / 1e9:.1f} GB/s, "
+        lines += ["", f"## Kernels (copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
                   f"matmul {rates['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s measured)", "",
                   "| kernel | dtype | B H Dh S L | ms | floor ms | fraction of floor |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
