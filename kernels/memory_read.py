@@ -349,6 +349,7 @@ _CONFIGS: AttentionConfigs = {
     ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 16, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
 }
 
+
 def memory_read_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
     """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv"), from ``_CONFIGS``."""
     return attention_tiles(_CONFIGS, kernel, dtype, head_dim_tile("memory_read_attention", Dh))
