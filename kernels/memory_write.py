@@ -487,7 +487,7 @@ def memory_write_bwd_dkdv_kernel(
 # odd shapes) under triton 3.6 and 3.9, largest tiles first, and keeping the first with no register
 # spill on any: tests/test_aot_compile.py re-checks every entry in CI under both.
 _CONFIGS: AttentionConfigs = {
-    ("fwd", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)},
+    ("fwd", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8)},
     ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 32, 4), 128: (32, 16, 8)},
     ("bwd_dq", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8)},
     ("bwd_dq", 32): {16: (64, 16, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
