@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 
-.PHONY: install demo test lint bench real-text
+.PHONY: install demo test lint bench real-text check-gpu-build check-aot-triton-latest
 
 install:
 	$(PIP) install -q "$(TORCH)" "$(TRITON)" ninja "setuptools>=64" wheel
@@ -35,3 +35,56 @@ bench: install
 # benchmarks/results/real_text/results.{md,json}. `python benchmarks/real_text.py --smoke`: ~1 min.
 real-text: install
 	$(PYTHON) benchmarks/real_text.py
+
+# This checkout's files (tracked and untracked, not ignored) copied to $(1)/src, so a build there
+# never replaces this checkout's own extension.
+define copy_sources
+	rm -rf $(1)/src && mkdir -p $(1)/src
+	git ls-files -z -c -o --exclude-standard | tar --null -T - --ignore-failed-read -cf - \
+		| tar -xf - -C $(1)/src
+endef
+
+# The GPU image's build, checked on this CPU machine: torch 2.11.0 (pip brings its CUDA 13.0 build
+# and libraries) in a venv of its own, the extension compiled with CUDA for sm_80 and sm_90 by the
+# local nvcc, imported, and the extension's and the ops' tests run under that torch.
+# CUDA_HOME: the toolkit root (bin/nvcc, lib64/libcudart.so); setup.py finds one if unset.
+GPU_TORCH ?= torch==2.11.0
+GPU_BUILD_DIR ?= build/gpu-image
+GPU_VENV ?= $(GPU_BUILD_DIR)/venv
+GPU_ARCHS ?= 8.0;9.0
+check-gpu-build:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q "$(GPU_TORCH)" numpy ninja "setuptools>=64" wheel \
+		pytest hypothesis
+	$(call copy_sources,$(GPU_BUILD_DIR))
+	cd $(GPU_BUILD_DIR)/src && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" \
+		MAX_JOBS=$${MAX_JOBS:-2} $(abspath $(GPU_VENV))/bin/python -m pip install -q \
+		--no-build-isolation --no-deps -e . > build.log 2>&1 || { tail -40 build.log; exit 1; }
+	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -c "$$CHECK_GPU_EXTENSION"
+	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_replay_buffer.py tests/test_ops.py
+
+define CHECK_GPU_EXTENSION
+import torch
+from memformer_fast.replay import build_info
+info = build_info()
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "| _C:", info)
+assert torch.version.cuda, "the GPU image's torch is a CUDA build"
+assert info["with_cuda"], "_C was built without CUDA"
+assert ";".join(info["cuda_archs"]) == "$(GPU_ARCHS)", info["cuda_archs"]
+endef
+export CHECK_GPU_EXTENSION
+
+# The ahead-of-time compile test under the newest Triton pip serves (make test checks the pinned
+# $(TRITON), the GPU image's): the package accepts triton>=3.6, so both must compile without spills.
+LATEST_DIR ?= build/triton-latest
+LATEST_VENV ?= $(LATEST_DIR)/venv
+check-aot-triton-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)" numpy ninja "setuptools>=64" wheel pytest
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade triton
+	$(call copy_sources,$(LATEST_DIR))
+	cd $(LATEST_DIR)/src && $(abspath $(LATEST_VENV))/bin/python -m pip install -q \
+		--no-build-isolation --no-deps -e . > build.log 2>&1 || { tail -40 build.log; exit 1; }
+	cd $(LATEST_DIR)/src && $(abspath $(LATEST_VENV))/bin/python -m pytest -q -s \
+		-p no:cacheprovider tests/test_aot_compile.py

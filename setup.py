@@ -6,17 +6,23 @@ extension is a ``CUDAExtension`` where CUDA is present (torch built with CUDA, a
 toolkit visible) or when ``FORCE_CUDA=1``, and a ``CppExtension`` otherwise. Compilation runs with
 ninja; ``MAX_JOBS`` caps its parallel jobs and ``TORCH_CUDA_ARCH_LIST`` picks the GPU
 architectures (default ``8.0;9.0``), both read by ``torch.utils.cpp_extension``.
+
+The CUDA toolkit is the one ``CUDA_HOME`` (or ``CUDA_PATH``) names; without either, the first of
+torch's guess, ``/usr/local/cuda`` and ``/usr/local/cuda-*`` whose ``lib64`` holds ``libcudart``
+(torch guesses from the ``nvcc`` on ``PATH``, which may be a wrapper script outside the toolkit).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 from setuptools import Extension, setup
 
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 except ImportError as error:  # pragma: no cover - depends on the build environment
     raise SystemExit(
         "memformer_fast builds a torch extension: install torch first, then run "
@@ -27,11 +33,49 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 COMMON_SOURCES = ["csrc/replay_buffer.cpp", "csrc/bindings.cpp"]
 
 
+def is_cuda_toolkit(root: str | None) -> bool:
+    """Whether ``root`` is a CUDA toolkit: ``bin/nvcc`` and ``lib64/libcudart.so*`` (or lib/)."""
+    if not root or not os.path.isfile(os.path.join(root, "bin", "nvcc")):
+        return False
+    return any(glob.glob(os.path.join(root, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit to build with (see the module docstring), or None when there is none.
+
+    A ``CUDA_HOME``/``CUDA_PATH`` that is not a toolkit is an error naming what to set.
+    """
+    given = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if given:
+        if not is_cuda_toolkit(given):
+            raise SystemExit(
+                f"memformer_fast: CUDA_HOME={given} is not a CUDA toolkit (expected bin/nvcc and "
+                "lib64/libcudart.so* under it); set CUDA_HOME to the toolkit's root, for example "
+                "/usr/local/cuda-13.0"
+            )
+        return given
+    candidates = [cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return next((root for root in candidates if is_cuda_toolkit(root)), None)
+
+
 def with_cuda() -> bool:
-    """Whether to build the CUDA variant of the extension."""
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True
-    return torch.version.cuda is not None and (torch.cuda.is_available() or CUDA_HOME is not None)
+    """Whether to build the CUDA variant of the extension; points torch at the toolkit if so."""
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    if torch.version.cuda is None and not forced:
+        return False
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        if forced:
+            raise SystemExit(
+                "memformer_fast: FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME to the "
+                "toolkit's root (the folder with bin/nvcc and lib64/libcudart.so)"
+            )
+        return torch.cuda.is_available()  # torch's own guess, as before
+    # torch read CUDA_HOME when it was imported: point it (and nvcc) at the toolkit found.
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    return True
 
 
 def extension() -> Extension:

@@ -23,11 +23,13 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    DOT_PRECISION,
     AttentionConfigs,
+    acc_dtype,
     acc_torch_dtype,
     attention_tiles,
     head_dim_tile,
-    kernel_dtype_args,
+    softmax_bwd_kv_tile,
     split_reduction,
 )
 
@@ -64,35 +66,29 @@ def memory_read_fwd_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """q, o: [B, L, H, Dh]; k, v: [B, S, H, Dh]; lse: [B, H, L] (ACC_DTYPE). Grid: (cdiv(L, BLOCK_L), B * H)."""
     i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    o += i_b * stride_ob + i_h * stride_oh
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = tl.arange(0, BLOCK_D)
     m_l, m_d = o_l < L, o_d < Dh
+    m_ld = m_l[:, None] & m_d[None, :]
 
-    p_q = (
-        q + i_b * stride_qb + i_h * stride_qh + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd
-    )
-    b_q = tl.load(p_q, mask=m_l[:, None] & m_d[None, :], other=0.0)
+    b_q = tl.load(q + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_ld, other=0.0)
     b_m = tl.full([BLOCK_L], float("-inf"), dtype=ACC_DTYPE)
     b_acc = tl.zeros([BLOCK_L], dtype=ACC_DTYPE)
     b_o = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
     for i_s in range(0, S, BLOCK_S):
         o_s = i_s + tl.arange(0, BLOCK_S)
         m_s = o_s < S
-        m_kv = m_d[:, None] & m_s[None, :]
         # k is loaded transposed ([BLOCK_D, BLOCK_S]) so the logits are a plain q @ kT.
-        p_kT = (
-            k
-            + i_b * stride_kb
-            + i_h * stride_kh
-            + o_d[:, None] * stride_kd
-            + o_s[None, :] * stride_ks
-        )
-        b_kT = tl.load(p_kT, mask=m_kv, other=0.0)
+        p_kT = k + o_d[:, None] * stride_kd + o_s[None, :] * stride_ks
+        b_kT = tl.load(p_kT, mask=m_d[:, None] & m_s[None, :], other=0.0)
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
         b_s = tl.where(m_s[None, :], b_s, float("-inf"))
         # Every tile holds at least one real slot, so b_m_new is finite from the first tile on.
@@ -100,13 +96,7 @@ def memory_read_fwd_kernel(
         b_p = tl.exp(b_s - b_m_new[:, None])
         b_r = tl.exp(b_m - b_m_new)
         b_acc = b_acc * b_r + tl.sum(b_p, 1)
-        p_v = (
-            v
-            + i_b * stride_vb
-            + i_h * stride_vh
-            + o_s[:, None] * stride_vs
-            + o_d[None, :] * stride_vd
-        )
+        p_v = v + o_s[:, None] * stride_vs + o_d[None, :] * stride_vd
         b_v = tl.load(p_v, mask=m_s[:, None] & m_d[None, :], other=0.0)
         b_o = b_o * b_r[:, None]
         b_o = tl.dot(
@@ -115,10 +105,8 @@ def memory_read_fwd_kernel(
         b_m = b_m_new
     b_o = b_o / b_acc[:, None]
 
-    p_o = (
-        o + i_b * stride_ob + i_h * stride_oh + o_l[:, None] * stride_ol + o_d[None, :] * stride_od
-    )
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_l[:, None] & m_d[None, :])
+    p_o = o + o_l[:, None] * stride_ol + o_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_ld)
     tl.store(lse + i_bh * L + o_l, b_m + tl.log(b_acc), mask=m_l)
 
 
@@ -127,8 +115,8 @@ def _memory_read_bwd_tile(
     b_q,
     b_do,
     b_lse,
-    p_k,
-    p_v,
+    k,
+    v,
     stride_ks,
     stride_kd,
     stride_vs,
@@ -140,15 +128,15 @@ def _memory_read_bwd_tile(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    """For the slot tile at ``i_s``: probabilities p and dp = do @ v^T [BLOCK_L, BLOCK_S], and kT."""
+    """For the slot tile at ``i_s`` (k, v offset to the program's batch and head): probabilities
+    p and dp = do @ v^T [BLOCK_L, BLOCK_S], and kT."""
     o_s = i_s + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     m_s = o_s < S
     m_kvT = (o_d < Dh)[:, None] & m_s[None, :]
-    b_kT = tl.load(p_k + o_d[:, None] * stride_kd + o_s[None, :] * stride_ks, mask=m_kvT, other=0.0)
-    b_vT = tl.load(p_v + o_d[:, None] * stride_vd + o_s[None, :] * stride_vs, mask=m_kvT, other=0.0)
+    b_kT = tl.load(k + o_d[:, None] * stride_kd + o_s[None, :] * stride_ks, mask=m_kvT, other=0.0)
+    b_vT = tl.load(v + o_d[:, None] * stride_vd + o_s[None, :] * stride_vs, mask=m_kvT, other=0.0)
     b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
     b_p = tl.where(m_s[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
     b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -193,7 +181,6 @@ def memory_read_bwd_dq_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """dq: [B, L, H, Dh]; writes delta = rowsum(p * dp) [B, H, L] for the dk/dv kernel.
 
@@ -204,31 +191,24 @@ def memory_read_bwd_dq_kernel(
     """
     i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    do += i_b * stride_dob + i_h * stride_doh
+    dq += i_b * stride_dqb + i_h * stride_dqh
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = tl.arange(0, BLOCK_D)
     m_l, m_d = o_l < L, o_d < Dh
     m_ld = m_l[:, None] & m_d[None, :]
 
-    p_q = (
-        q + i_b * stride_qb + i_h * stride_qh + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd
-    )
-    p_do = (
-        do
-        + i_b * stride_dob
-        + i_h * stride_doh
-        + o_l[:, None] * stride_dol
-        + o_d[None, :] * stride_dod
-    )
-    b_q = tl.load(p_q, mask=m_ld, other=0.0)
-    b_do = tl.load(p_do, mask=m_ld, other=0.0)
+    b_q = tl.load(q + o_l[:, None] * stride_ql + o_d[None, :] * stride_qd, mask=m_ld, other=0.0)
+    b_do = tl.load(do + o_l[:, None] * stride_dol + o_d[None, :] * stride_dod, mask=m_ld, other=0.0)
     b_lse = tl.load(lse + i_bh * L + o_l, mask=m_l, other=0.0)
-    p_k = k + i_b * stride_kb + i_h * stride_kh
-    p_v = v + i_b * stride_vb + i_h * stride_vh
 
     if S <= BLOCK_S:
         b_p, b_dp, b_kT = _memory_read_bwd_tile(
-            b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, 0, S, Dh, scale,
-            BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+            b_q, b_do, b_lse, k, v, stride_ks, stride_kd, stride_vs, stride_vd, 0, S, Dh, scale,
+            BLOCK_S, BLOCK_D, ACC_DTYPE,
         )  # fmt: skip
         b_delta = tl.sum(b_p * b_dp, 1)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -239,15 +219,15 @@ def memory_read_bwd_dq_kernel(
         b_delta = tl.zeros([BLOCK_L], dtype=ACC_DTYPE)
         for i_s in range(0, S, BLOCK_S):
             b_p, b_dp, b_kT = _memory_read_bwd_tile(
-                b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
-                BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+                b_q, b_do, b_lse, k, v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
+                BLOCK_S, BLOCK_D, ACC_DTYPE,
             )  # fmt: skip
             b_delta += tl.sum(b_p * b_dp, 1)
         b_dq = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
         for i_s in range(0, S, BLOCK_S):
             b_p, b_dp, b_kT = _memory_read_bwd_tile(
-                b_q, b_do, b_lse, p_k, p_v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
-                BLOCK_S, BLOCK_D, ACC_DTYPE, DOT_PRECISION,
+                b_q, b_do, b_lse, k, v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
+                BLOCK_S, BLOCK_D, ACC_DTYPE,
             )  # fmt: skip
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq = tl.dot(
@@ -259,13 +239,7 @@ def memory_read_bwd_dq_kernel(
             )
 
     tl.store(delta + i_bh * L + o_l, b_delta, mask=m_l)
-    p_dq = (
-        dq
-        + i_b * stride_dqb
-        + i_h * stride_dqh
-        + o_l[:, None] * stride_dql
-        + o_d[None, :] * stride_dqd
-    )
+    p_dq = dq + o_l[:, None] * stride_dql + o_d[None, :] * stride_dqd
     tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_ld)
 
 
@@ -315,7 +289,6 @@ def memory_read_bwd_dkdv_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """dk, dv: [num_splits, B, S, H, Dh] partial sums over query chunks of length ``chunk``.
 
@@ -327,19 +300,19 @@ def memory_read_bwd_dkdv_kernel(
         tl.program_id(2).to(tl.int64),
     )
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    do += i_b * stride_dob + i_h * stride_doh
+    dk += i_n * stride_dkn + i_b * stride_dkb + i_h * stride_dkh
+    dv += i_n * stride_dvn + i_b * stride_dvb + i_h * stride_dvh
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     m_s, m_d = o_s < S, o_d < Dh
     m_sd = m_s[:, None] & m_d[None, :]
 
-    p_k = (
-        k + i_b * stride_kb + i_h * stride_kh + o_s[:, None] * stride_ks + o_d[None, :] * stride_kd
-    )
-    p_v = (
-        v + i_b * stride_vb + i_h * stride_vh + o_s[:, None] * stride_vs + o_d[None, :] * stride_vd
-    )
-    b_k = tl.load(p_k, mask=m_sd, other=0.0)
-    b_v = tl.load(p_v, mask=m_sd, other=0.0)
+    b_k = tl.load(k + o_s[:, None] * stride_ks + o_d[None, :] * stride_kd, mask=m_sd, other=0.0)
+    b_v = tl.load(v + o_s[:, None] * stride_vs + o_d[None, :] * stride_vd, mask=m_sd, other=0.0)
     b_dk = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
     b_dv = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
     l_start = i_n * chunk
@@ -347,71 +320,33 @@ def memory_read_bwd_dkdv_kernel(
     for i_l in range(l_start, l_end, BLOCK_L):
         o_l = i_l + tl.arange(0, BLOCK_L)
         m_l = o_l < l_end
-        m_dl = m_d[:, None] & m_l[None, :]
-        p_qT = (
-            q
-            + i_b * stride_qb
-            + i_h * stride_qh
-            + o_d[:, None] * stride_qd
-            + o_l[None, :] * stride_ql
-        )
-        p_do = (
-            do
-            + i_b * stride_dob
-            + i_h * stride_doh
-            + o_l[:, None] * stride_dol
-            + o_d[None, :] * stride_dod
-        )
-        b_qT = tl.load(p_qT, mask=m_dl, other=0.0)
+        p_qT = q + o_d[:, None] * stride_qd + o_l[None, :] * stride_ql
+        b_qT = tl.load(p_qT, mask=m_d[:, None] & m_l[None, :], other=0.0)
+        p_do = do + o_l[:, None] * stride_dol + o_d[None, :] * stride_dod
         b_do = tl.load(p_do, mask=m_l[:, None] & m_d[None, :], other=0.0)
         b_lse = tl.load(lse + i_bh * L + o_l, mask=m_l, other=0.0)
         b_delta = tl.load(delta + i_bh * L + o_l, mask=m_l, other=0.0)
-        # Transposed probabilities [BLOCK_S, BLOCK_L]: slots are rows here.
-        b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
-        b_pT = tl.where(m_l[None, :], tl.exp(b_sT - b_lse[None, :]), 0.0)
-        b_dv = tl.dot(
-            b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
-        )
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        b_dk = tl.dot(
-            b_dsT.to(b_qT.dtype),
-            tl.trans(b_qT),
-            b_dk,
-            input_precision=DOT_PRECISION,
-            out_dtype=ACC_DTYPE,
+        b_dk, b_dv = softmax_bwd_kv_tile(
+            b_k, b_v, b_qT, b_do, b_lse, b_delta, m_l[None, :], scale, b_dk, b_dv, ACC_DTYPE
         )
 
-    p_dk = (
-        dk
-        + i_n * stride_dkn
-        + i_b * stride_dkb
-        + i_h * stride_dkh
-        + o_s[:, None] * stride_dks
-        + o_d[None, :] * stride_dkd
-    )
-    p_dv = (
-        dv
-        + i_n * stride_dvn
-        + i_b * stride_dvb
-        + i_h * stride_dvh
-        + o_s[:, None] * stride_dvs
-        + o_d[None, :] * stride_dvd
-    )
+    p_dk = dk + o_s[:, None] * stride_dks + o_d[None, :] * stride_dkd
+    p_dv = dv + o_s[:, None] * stride_dvs + o_d[None, :] * stride_dvd
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_sd)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_sd)
 
 
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
-# Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
-# with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
+# Found by compiling candidates for sm_90 and sm_80 with the JIT's own specialisations (aligned and
+# odd shapes) under triton 3.6 and 3.9, largest tiles first, and keeping the first with no register
+# spill on any: tests/test_aot_compile.py re-checks every entry in CI under both.
 _CONFIGS: AttentionConfigs = {
-    ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 64, 8)},
-    ("fwd", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
-    ("bwd_dq", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)},
-    ("bwd_dq", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)},
+    ("fwd", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dq", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8)},
+    ("bwd_dq", 32): {16: (64, 32, 8), 32: (64, 16, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
     ("bwd_dkdv", 16): {16: (64, 64, 8), 32: (32, 64, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
-    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 16, 4), 64: (32, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 16, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
 }
 
 
@@ -432,7 +367,7 @@ def memory_read_fwd(
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
+        H, L, S, Dh, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
     return o, lse
 
@@ -459,7 +394,7 @@ def memory_read_bwd(
     memory_read_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, L, S, Dh, scale, **cfg, **kernel_dtype_args(q.dtype),
+        H, L, S, Dh, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
 
     cfg = memory_read_config("bwd_dkdv", q.dtype, Dh)
@@ -475,7 +410,7 @@ def memory_read_bwd(
     memory_read_bwd_dkdv_kernel[(n_s, B * H, splits)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, L, S, Dh, chunk, scale, **cfg, **kernel_dtype_args(q.dtype),
+        H, L, S, Dh, chunk, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
     if splits == 1:
         return dq, dk[0], dv[0]

@@ -27,12 +27,14 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    DOT_PRECISION,
     AttentionConfigs,
+    acc_dtype,
     acc_torch_dtype,
     attention_tiles,
     head_dim_tile,
     is_interpreter,
-    kernel_dtype_args,
+    softmax_bwd_kv_tile,
     split_reduction,
 )
 
@@ -88,7 +90,6 @@ def memory_write_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] bool.
 
@@ -103,30 +104,21 @@ def memory_write_fwd_kernel(
         tl.program_id(2).to(tl.int64),
     )
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k_self += i_b * stride_ksb + i_h * stride_ksh
+    v_self += i_b * stride_vsb + i_h * stride_vsh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    o += i_n * stride_on + i_b * stride_ob + i_h * stride_oh
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     m_s, m_d = o_s < S, o_d < Dh
     m_sd = m_s[:, None] & m_d[None, :]
 
-    p_q = (
-        q + i_b * stride_qb + i_h * stride_qh + o_s[:, None] * stride_qs + o_d[None, :] * stride_qd
-    )
-    p_ks = (
-        k_self
-        + i_b * stride_ksb
-        + i_h * stride_ksh
-        + o_s[:, None] * stride_kss
-        + o_d[None, :] * stride_ksd
-    )
-    p_vs = (
-        v_self
-        + i_b * stride_vsb
-        + i_h * stride_vsh
-        + o_s[:, None] * stride_vss
-        + o_d[None, :] * stride_vsd
-    )
-    b_q = tl.load(p_q, mask=m_sd, other=0.0)
+    b_q = tl.load(q + o_s[:, None] * stride_qs + o_d[None, :] * stride_qd, mask=m_sd, other=0.0)
+    p_ks = k_self + o_s[:, None] * stride_kss + o_d[None, :] * stride_ksd
     b_ks = tl.load(p_ks, mask=m_sd, other=0.0)
+    p_vs = v_self + o_s[:, None] * stride_vss + o_d[None, :] * stride_vsd
     b_vs = tl.load(p_vs, mask=m_sd, other=0.0)
     b_self = tl.sum(b_q.to(ACC_DTYPE) * b_ks.to(ACC_DTYPE), 1) * logit_scale
     # The first split owns the self entry; the others start empty (m = -inf, l = 0, acc = 0).
@@ -144,21 +136,9 @@ def memory_write_fwd_kernel(
             m_l = m_l & tl.load(
                 token_mask + i_b * stride_mb + o_l * stride_ml, mask=m_l, other=0
             ).to(tl.int1)
-        p_kT = (
-            k
-            + i_b * stride_kb
-            + i_h * stride_kh
-            + o_d[:, None] * stride_kd
-            + o_l[None, :] * stride_kl
-        )
-        p_v = (
-            v
-            + i_b * stride_vb
-            + i_h * stride_vh
-            + o_l[:, None] * stride_vl
-            + o_d[None, :] * stride_vd
-        )
+        p_kT = k + o_d[:, None] * stride_kd + o_l[None, :] * stride_kl
         b_kT = tl.load(p_kT, mask=m_d[:, None] & m_l[None, :], other=0.0)
+        p_v = v + o_l[:, None] * stride_vl + o_d[None, :] * stride_vd
         b_v = tl.load(p_v, mask=m_l[:, None] & m_d[None, :], other=0.0)
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * logit_scale
         b_s = tl.where(m_l[None, :], b_s, float("-inf"))
@@ -177,14 +157,7 @@ def memory_write_fwd_kernel(
         )
         b_m = b_m_new
 
-    p_o = (
-        o
-        + i_n * stride_on
-        + i_b * stride_ob
-        + i_h * stride_oh
-        + o_s[:, None] * stride_os
-        + o_d[None, :] * stride_od
-    )
+    p_o = o + o_s[:, None] * stride_os + o_d[None, :] * stride_od
     p_lse = lse + i_n * stride_lsen + i_bh * S + o_s
     if SPLIT:
         tl.store(p_o, b_o, mask=m_sd)
@@ -325,7 +298,6 @@ def memory_write_bwd_dq_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """dq: [num_splits, B, S, H, Dh] partials over token chunks; the first split also writes the
     self entry's share of dq, dk_self and dv_self ([B, S, H, Dh], one layout: stride_ds*) and
@@ -337,48 +309,33 @@ def memory_write_bwd_dq_kernel(
         tl.program_id(2).to(tl.int64),
     )
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k_self += i_b * stride_ksb + i_h * stride_ksh
+    v_self += i_b * stride_vsb + i_h * stride_vsh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    o += i_b * stride_ob + i_h * stride_oh
+    do += i_b * stride_dob + i_h * stride_doh
+    dq += i_n * stride_dqn + i_b * stride_dqb + i_h * stride_dqh
     o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
     o_d = tl.arange(0, BLOCK_D)
     m_s, m_d = o_s < S, o_d < Dh
     m_sd = m_s[:, None] & m_d[None, :]
 
-    p_q = (
-        q + i_b * stride_qb + i_h * stride_qh + o_s[:, None] * stride_qs + o_d[None, :] * stride_qd
-    )
-    p_o = (
-        o + i_b * stride_ob + i_h * stride_oh + o_s[:, None] * stride_os + o_d[None, :] * stride_od
-    )
-    p_do = (
-        do
-        + i_b * stride_dob
-        + i_h * stride_doh
-        + o_s[:, None] * stride_dos
-        + o_d[None, :] * stride_dod
-    )
-    b_q = tl.load(p_q, mask=m_sd, other=0.0)
+    b_q = tl.load(q + o_s[:, None] * stride_qs + o_d[None, :] * stride_qd, mask=m_sd, other=0.0)
     # do and o come in the accumulation dtype (the output is rounded outside the op, see
     # memory_write_fwd); the dots take do in the input dtype, where it was exact anyway.
+    p_do = do + o_s[:, None] * stride_dos + o_d[None, :] * stride_dod
     b_do = tl.load(p_do, mask=m_sd, other=0.0).to(ACC_DTYPE)
     b_lse = tl.load(lse + i_bh * S + o_s, mask=m_s, other=0.0)
+    p_o = o + o_s[:, None] * stride_os + o_d[None, :] * stride_od
     b_delta = tl.sum(b_do * tl.load(p_o, mask=m_sd, other=0.0).to(ACC_DTYPE), 1)
 
     b_dq = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC_DTYPE)
     if i_n == 0:
-        p_ks = (
-            k_self
-            + i_b * stride_ksb
-            + i_h * stride_ksh
-            + o_s[:, None] * stride_kss
-            + o_d[None, :] * stride_ksd
-        )
-        p_vs = (
-            v_self
-            + i_b * stride_vsb
-            + i_h * stride_vsh
-            + o_s[:, None] * stride_vss
-            + o_d[None, :] * stride_vsd
-        )
+        p_ks = k_self + o_s[:, None] * stride_kss + o_d[None, :] * stride_ksd
         b_ks = tl.load(p_ks, mask=m_sd, other=0.0).to(ACC_DTYPE)
+        p_vs = v_self + o_s[:, None] * stride_vss + o_d[None, :] * stride_vsd
         b_vs = tl.load(p_vs, mask=m_sd, other=0.0).to(ACC_DTYPE)
         b_pself = tl.exp(tl.sum(b_q.to(ACC_DTYPE) * b_ks, 1) * logit_scale - b_lse)
         b_dsself = b_pself * (tl.sum(b_do * b_vs, 1) - b_delta)
@@ -411,22 +368,12 @@ def memory_write_bwd_dq_kernel(
                 token_mask + i_b * stride_mb + o_l * stride_ml, mask=m_l, other=0
             ).to(tl.int1)
         m_dl = m_d[:, None] & m_l[None, :]
-        p_kT = (
-            k
-            + i_b * stride_kb
-            + i_h * stride_kh
-            + o_d[:, None] * stride_kd
-            + o_l[None, :] * stride_kl
+        b_kT = tl.load(
+            k + o_d[:, None] * stride_kd + o_l[None, :] * stride_kl, mask=m_dl, other=0.0
         )
-        p_vT = (
-            v
-            + i_b * stride_vb
-            + i_h * stride_vh
-            + o_d[:, None] * stride_vd
-            + o_l[None, :] * stride_vl
+        b_vT = tl.load(
+            v + o_d[:, None] * stride_vd + o_l[None, :] * stride_vl, mask=m_dl, other=0.0
         )
-        b_kT = tl.load(p_kT, mask=m_dl, other=0.0)
-        b_vT = tl.load(p_vT, mask=m_dl, other=0.0)
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * logit_scale
         b_p = tl.where(m_l[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do.to(b_vT.dtype), b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -439,14 +386,7 @@ def memory_write_bwd_dq_kernel(
             out_dtype=ACC_DTYPE,
         )
 
-    p_dq = (
-        dq
-        + i_n * stride_dqn
-        + i_b * stride_dqb
-        + i_h * stride_dqh
-        + o_s[:, None] * stride_dqs
-        + o_d[None, :] * stride_dqd
-    )
+    p_dq = dq + o_s[:, None] * stride_dqs + o_d[None, :] * stride_dqd
     tl.store(p_dq, (b_dq * logit_scale).to(dq.dtype.element_ty), mask=m_sd)
 
 
@@ -493,7 +433,6 @@ def memory_write_bwd_dkdv_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """dk, dv: [B, L, H, Dh] (one layout: stride_dk*); padded tokens get zeros. Each program owns a
     block of tokens and loops over every slot, so no reduction crosses programs.
@@ -501,6 +440,10 @@ def memory_write_bwd_dkdv_kernel(
     """
     i_l, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    q += i_b * stride_qb + i_h * stride_qh
+    k += i_b * stride_kb + i_h * stride_kh
+    v += i_b * stride_vb + i_h * stride_vh
+    do += i_b * stride_dob + i_h * stride_doh
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
     o_d = tl.arange(0, BLOCK_D)
     m_l, m_d = o_l < L, o_d < Dh
@@ -511,54 +454,26 @@ def memory_write_bwd_dkdv_kernel(
             token_mask + i_b * stride_mb + o_l * stride_ml, mask=m_l, other=0
         ).to(tl.int1)
 
-    p_k = (
-        k + i_b * stride_kb + i_h * stride_kh + o_l[:, None] * stride_kl + o_d[None, :] * stride_kd
-    )
-    p_v = (
-        v + i_b * stride_vb + i_h * stride_vh + o_l[:, None] * stride_vl + o_d[None, :] * stride_vd
-    )
     # Padded tokens are never read: whatever they hold (even NaN) cannot reach the gradients.
     m_tok_d = m_tok[:, None] & m_d[None, :]
-    b_k = tl.load(p_k, mask=m_tok_d, other=0.0)
-    b_v = tl.load(p_v, mask=m_tok_d, other=0.0)
+    b_k = tl.load(k + o_l[:, None] * stride_kl + o_d[None, :] * stride_kd, mask=m_tok_d, other=0.0)
+    b_v = tl.load(v + o_l[:, None] * stride_vl + o_d[None, :] * stride_vd, mask=m_tok_d, other=0.0)
     b_dk = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
     b_dv = tl.zeros([BLOCK_L, BLOCK_D], dtype=ACC_DTYPE)
     for i_s in range(0, S, BLOCK_S):
         o_s = i_s + tl.arange(0, BLOCK_S)
         m_s = o_s < S
-        p_qT = (
-            q
-            + i_b * stride_qb
-            + i_h * stride_qh
-            + o_d[:, None] * stride_qd
-            + o_s[None, :] * stride_qs
-        )
-        p_do = (
-            do
-            + i_b * stride_dob
-            + i_h * stride_doh
-            + o_s[:, None] * stride_dos
-            + o_d[None, :] * stride_dod
-        )
+        p_qT = q + o_d[:, None] * stride_qd + o_s[None, :] * stride_qs
         b_qT = tl.load(p_qT, mask=m_d[:, None] & m_s[None, :], other=0.0)
+        p_do = do + o_s[:, None] * stride_dos + o_d[None, :] * stride_dod
         b_do = tl.load(p_do, mask=m_s[:, None] & m_d[None, :], other=0.0).to(b_v.dtype)
         b_lse = tl.load(lse + i_bh * S + o_s, mask=m_s, other=0.0)
         b_delta = tl.load(delta + i_bh * S + o_s, mask=m_s, other=0.0)
-        # Transposed probabilities [BLOCK_L, BLOCK_S]: tokens are rows here.
-        b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * logit_scale
-        b_pT = tl.where(m_tok[:, None] & m_s[None, :], tl.exp(b_sT - b_lse[None, :]), 0.0)
-        b_dv = tl.dot(
-            b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
-        )
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        b_dk = tl.dot(
-            b_dsT.to(b_qT.dtype),
-            tl.trans(b_qT),
-            b_dk,
-            input_precision=DOT_PRECISION,
-            out_dtype=ACC_DTYPE,
-        )
+        # Tokens are the rows here: transposed probabilities [BLOCK_L, BLOCK_S].
+        b_dk, b_dv = softmax_bwd_kv_tile(
+            b_k, b_v, b_qT, b_do, b_lse, b_delta, m_tok[:, None] & m_s[None, :], logit_scale,
+            b_dk, b_dv, ACC_DTYPE,
+        )  # fmt: skip
 
     p_dk = (
         i_b * stride_dkb + i_h * stride_dkh + o_l[:, None] * stride_dkl + o_d[None, :] * stride_dkd
@@ -568,15 +483,16 @@ def memory_write_bwd_dkdv_kernel(
 
 
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
-# Found by compiling candidates for sm_90 and sm_80 (largest tiles first) and keeping the first
-# with no register spill on either: tests/test_aot_compile.py re-checks every entry in CI.
+# Found by compiling candidates for sm_90 and sm_80 with the JIT's own specialisations (aligned and
+# odd shapes) under triton 3.6 and 3.9, largest tiles first, and keeping the first with no register
+# spill on any: tests/test_aot_compile.py re-checks every entry in CI under both.
 _CONFIGS: AttentionConfigs = {
-    ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)},
-    ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("fwd", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8)},
+    ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 32, 4), 128: (32, 16, 8)},
     ("bwd_dq", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8)},
-    ("bwd_dq", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dq", 32): {16: (64, 16, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
     ("bwd_dkdv", 16): {16: (128, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8), 128: (64, 32, 8)},
-    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8)},
+    ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 16, 8)},
 }
 
 
@@ -631,13 +547,13 @@ def memory_write_fwd(
         *q.stride(), *k_self.stride(), *v_self.stride(), *k.stride(), *v.stride(),
         *_mask_args(token_mask)[1:], *o_part.stride(), m_part.stride(0),
         H, S, L, Dh, chunk, scale / temperature,
-        HAS_MASK=token_mask is not None, SPLIT=splits > 1, **cfg, **kernel_dtype_args(q.dtype),
+        HAS_MASK=token_mask is not None, SPLIT=splits > 1, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
     if splits > 1:
         cfg = memory_write_config("fwd_combine", q.dtype, Dh)
         memory_write_fwd_combine_kernel[(triton.cdiv(S, cfg["BLOCK_S"]), B * H)](
             o_part, m_part, l_part, o, lse, *o_part.stride(), *o.stride(), m_part.stride(0),
-            H, S, Dh, splits, **cfg, ACC_DTYPE=kernel_dtype_args(q.dtype)["ACC_DTYPE"],
+            H, S, Dh, splits, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
         )  # fmt: skip
     return o, lse
 
@@ -681,7 +597,7 @@ def memory_write_bwd(
         *q.stride(), *k_self.stride(), *v_self.stride(), *k.stride(), *v.stride(),
         stride_mb, stride_ml, *o.stride(), *do.stride(), *dq.stride(), *dk_self.stride(),
         H, S, L, Dh, chunk, logit_scale,
-        HAS_MASK=token_mask is not None, **cfg, **kernel_dtype_args(q.dtype),
+        HAS_MASK=token_mask is not None, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
     # The partials are summed in split order: deterministic, unlike atomics.
     dq = dq[0] if splits == 1 else dq.sum(0).to(q.dtype)
@@ -693,6 +609,6 @@ def memory_write_bwd(
         q, k, v, mask, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_ml, *do.stride(), *dk.stride(),
         H, S, L, Dh, logit_scale,
-        HAS_MASK=token_mask is not None, **cfg, **kernel_dtype_args(q.dtype),
+        HAS_MASK=token_mask is not None, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
     return dq, dk_self, dv_self, dk, dv

@@ -55,8 +55,56 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as uint16 (the interpreter's representation) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even as the GPU's ``cvt.rn`` does."""
+    rounded = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+    return rounded.view(torch.int16).numpy().view(np.uint16)
+
+
+def _patch_interpreter_bfloat16() -> None:
+    """Make the interpreter's bfloat16 arithmetic what the GPU computes.
+
+    The interpreter stores bfloat16 as uint16 bit patterns, so its ``tl.dot`` multiplies those
+    integers (garbage), and it truncates float32 -> bfloat16 where the GPU rounds to nearest even
+    (twice the rounding error). Here a dot with a bfloat16 operand multiplies the exact float32
+    values of its bfloat16 inputs with float32 accumulation (what the tensor cores do), and the
+    float32 -> bfloat16 cast rounds to nearest even. Applied only under ``TRITON_INTERPRET=1``.
+    """
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_memformer_fast_patched", False):
+        return
+    create_dot, cast_impl = builder.create_dot, builder.cast_impl
+
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a32, b32 = (
+            _bf16_to_f32(t.data) if t.dtype.scalar == tl.bfloat16 else t.data.astype(np.float32)
+            for t in (a, b)
+        )
+        acc = np.matmul(a32, b32, dtype=np.float32).astype(d.data.dtype) + d.data
+        return interpreter.TensorHandle(acc, d.dtype.scalar)
+
+    def patched_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_f32_to_bf16(src.data), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    patched_dot._memformer_fast_patched = True  # type: ignore[attr-defined]
+    builder.create_dot = patched_dot
+    builder.cast_impl = patched_cast
+
+
 if is_interpreter():
     _patch_interpreter_scalar_index()
+    _patch_interpreter_bfloat16()
 
 
 def dot_tile(n: int) -> int:
@@ -74,16 +122,39 @@ def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: "ieee" everywhere. float32 inputs must not silently drop to
-    tf32 (SPEC 6 asks for 1e-4 relative error), and "tf32x3" spills registers even on small tiles;
-    the 16-bit inputs, the ones that matter for speed, use tensor cores whatever this says."""
-    return "ieee"
+# ``tl.dot`` input precision, "ieee" everywhere: float32 inputs must not silently drop to tf32 (the
+# float32 kernels promise 1e-4 relative error) and "tf32x3" spills registers even on small tiles;
+# float16/bfloat16 inputs, the ones that matter for speed, use tensor cores whatever this says.
+DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
-def kernel_dtype_args(dtype: torch.dtype) -> dict[str, object]:
-    """The constexprs every dot kernel derives from its input dtype."""
-    return {"ACC_DTYPE": acc_dtype(dtype), "DOT_PRECISION": dot_precision(dtype)}
+@triton.jit
+def softmax_bwd_kv_tile(
+    b_k, b_v, b_qT, b_do, b_lse, b_delta, m_p, scale, b_dk, b_dv, ACC_DTYPE: tl.constexpr
+):
+    """One tile of an attention backward's dk/dv loop, keys as rows (shared by the memory read,
+    whose keys are slots, and the memory write, whose keys are tokens).
+
+    b_k, b_v: [BLOCK_K, BLOCK_D]; b_qT: [BLOCK_D, BLOCK_Q] (queries transposed); b_do:
+    [BLOCK_Q, BLOCK_D]; b_lse, b_delta: [BLOCK_Q]; m_p: which of the [BLOCK_K, BLOCK_Q] entries
+    are real. Returns ``(b_dk + dS^T q, b_dv + P^T do)``: dk is still to be multiplied by scale.
+    P and dS are rounded to the input dtype before their matmuls, as flash-attention does.
+    """
+    b_sT = tl.dot(b_k, b_qT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * scale
+    b_pT = tl.where(m_p, tl.exp(b_sT - b_lse[None, :]), 0.0)
+    b_dv = tl.dot(
+        b_pT.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+    )
+    b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    b_dk = tl.dot(
+        b_dsT.to(b_qT.dtype),
+        tl.trans(b_qT),
+        b_dk,
+        input_precision=DOT_PRECISION,
+        out_dtype=ACC_DTYPE,
+    )
+    return b_dk, b_dv
 
 
 def head_dim_tile(op: str, Dh: int) -> int:

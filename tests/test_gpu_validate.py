@@ -1,0 +1,44 @@
+"""The GPU session's one command (``benchmarks/gpu_validate.sh``) runs end to end as a dry run:
+the same stages on the CPU through the Triton interpreter at tiny shapes, so the script is known
+to work before a GPU sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_validate_dry_run(tmp_path: Path) -> None:
+    env = os.environ | {"PYTHON": sys.executable}
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_validate.sh"), "--dry-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    stages = {s["stage"]: s["rc"] for s in report["stages"]}
+    assert stages == dict.fromkeys(
+        ("env", "info", "tests", "correctness", "kernels", "training"), 0
+    )
+    assert report["dry_run"] and report["command"].startswith("bash benchmarks/gpu_validate.sh")
+    assert report["correctness"]["passed"] and report["correctness"]["checked"] == 3 * 15
+    kernels = {r["kernel"] for r in report["kernels"]["rows"]}
+    assert {"read fwd", "read fwd sdpa", "write bwd", "gated bwd"} <= kernels
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in report["kernels"]["rows"])
+    training = {(r["method"], r["T"]) for r in report["training"]["rows"]}
+    assert training == {(m, t) for m in ("mrbp", "mrbp-offload") for t in (2, 3)}
+    markdown = (tmp_path / "results.md").read_text()
+    for heading in ("# GPU validation", "## Correctness: passed", "## Kernels", "## One MRBP"):
+        assert heading in markdown
