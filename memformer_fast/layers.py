@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional
+from .randomness import Dropout
 
 
 def _split_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -339,7 +340,7 @@ class MemoryBlock(nn.Module):
         self.reader = MemoryReader(d_model, n_heads, backend, eps)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, h: Tensor, memory: Tensor, mask: Tensor | None, cache: KVCache | None = None
@@ -371,7 +372,7 @@ class DecoderBlock(nn.Module):
         self.cross = CrossAttention(d_model, n_heads)
         self.ff_norm = nn.LayerNorm(d_model, eps=eps)
         self.ff = FeedForward(d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,

@@ -75,7 +75,7 @@ class Memformer(nn.Module):
         self.is_encoder_decoder = c.architecture == "encoder-decoder"
         n_blocks = c.n_encoder_layers if self.is_encoder_decoder else c.n_decoder_layers
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = randomness.Dropout(c.dropout)
         # The blocks on the critical path: they read the memory and feed the writer.
         self.blocks = nn.ModuleList(
             MemoryBlock(

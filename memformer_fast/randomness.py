@@ -1,23 +1,36 @@
-"""Per-segment dropout randomness shared by full BPTT, MRBP and the replay (SPEC 4.3).
+"""Per-segment dropout randomness shared by full BPTT, MRBP and the replay, private to the call.
 
 A rollout draws one seed from the global generator when it starts; each part of the model on each
-segment then draws its dropout masks from a generator seeded by ``(rollout seed, segment, part)``.
-The critical-path pass of MRBP skips the decoder, so program-order draws from the global generator
-would give the encoder other masks than in BPTT; derived seeds make both paths identical.
+segment then draws its dropout masks from a generator of its own, seeded by ``(rollout seed,
+segment, part)``. The critical-path pass of MRBP skips the decoder, so program-order draws from
+one shared generator would give the encoder other masks than in BPTT; derived seeds make both paths
+identical.
+
+The generator belongs to the call: :func:`seeded` makes a new ``torch.Generator`` (on the model's
+device) and publishes it to :class:`Dropout` through a context variable, which is private to the
+thread (and to an asyncio task). The process-wide generators are never seeded or restored, so
+another thread drawing random numbers neither disturbs the masks nor sees repeated numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor, nn
 
 ENCODER = 0  # the encoder (or the decoder-only stack) and the memory writer
 DECODER = 1  # the decoder of the encoder-decoder architecture
 
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
+
+# The generator that Dropout draws from in the current thread; None = the global generator.
+_ACTIVE: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "memformer_fast_dropout_generator", default=None
+)
 
 
 def draw_rollout_seed() -> int:
@@ -44,18 +57,67 @@ def part_seed(seed: int | None, part: int) -> int | None:
 
 
 @contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Run the body with the CPU (and ``device``'s CUDA) generator seeded by ``seed``.
+def seeded(seed: int | None, device: torch.device) -> Iterator[torch.Generator | None]:
+    """Make :class:`Dropout` in the body (this thread only) draw from a new generator on
+    ``device`` seeded by ``seed``; yields that generator.
 
-    The global generators are restored afterwards. ``seed=None`` leaves them alone (no dropout).
+    Nothing global is touched. ``seed=None`` makes the body's dropout draw from the global
+    generators, as ``nn.Dropout`` does (a generator of an enclosing call does not leak in).
     """
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            index = torch.cuda.current_device() if device.index is None else device.index
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    token = _ACTIVE.set(generator)
+    try:
+        yield generator
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _draw_keep_mask(x: Tensor, p: float) -> Tensor:
+    """0/1 in ``x``'s shape, dtype and device, 1 with probability ``1 - p``, drawn from the
+    active generator (the global one when none is active)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(
+        1.0 - p, generator=_ACTIVE.get()
+    )
+
+
+# Under torch.compile the draw is an opaque op (Dynamo cannot trace a generator or a context
+# variable): it runs eagerly inside the compiled graph, so fullgraph=True works. The tag keeps the
+# compiler from merging two draws or recomputing one in the backward.
+@torch.library.custom_op(
+    "memformer_fast::dropout_keep_mask",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _keep_mask_op(x: Tensor, p: float) -> Tensor:
+    return _draw_keep_mask(x, p)
+
+
+@_keep_mask_op.register_fake
+def _(x: Tensor, p: float) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout`` whose mask comes from the generator of the enclosing :func:`seeded` call.
+
+    ``x``: any shape. Zeroes each element with probability ``p`` and scales the rest by
+    ``1 / (1 - p)``; the identity when not ``training`` or ``p == 0``.
+    """
+    if not training or p == 0.0:
+        return x
+    if torch.compiler.is_compiling():
+        keep = _keep_mask_op(x.detach(), p)
+    else:
+        keep = _draw_keep_mask(x.detach(), p)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` drawing from the generator of the enclosing :func:`seeded` call (the global
+    generator outside one). Same state dict (none) and arguments; never in place."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return dropout(input, self.p, self.training)

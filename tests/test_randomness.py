@@ -1,0 +1,140 @@
+"""Dropout randomness private to the call: generators owned by BPTT, MRBP and the replay."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from testing_utils import relative_error, tiny_model
+
+from memformer_fast import Memformer, mrbp, randomness
+
+ARCHS = ["decoder", "encoder-decoder"]
+
+
+def make_model(arch: str) -> Memformer:
+    return tiny_model(arch, vocab_size=31, n_memory_slots=4, segment_length=6, dropout=0.2).train()
+
+
+def ids_for(T: int = 4, B: int = 3) -> torch.Tensor:
+    return torch.randint(0, 31, (B, 6 * T), generator=torch.Generator().manual_seed(1))
+
+
+def grads(model: Memformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mrbp_equals_bptt_while_another_thread_draws(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread drawing from the global generator in a loop during ``mrbp.backward``: the
+    gradients still equal BPTT's, and the thread never sees a number twice (the call does not
+    reseed the process-wide generator)."""
+    # The rollout seed is the one global draw of a rollout: pinned, so the thread's draws cannot
+    # race with it (what this test is about is every draw after it).
+    monkeypatch.setattr(randomness, "draw_rollout_seed", lambda: 987654321)
+    model, ids = make_model(arch), ids_for()
+    model.sequence_loss(ids)[0].backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    seen: list[int] = []
+    started, stop = threading.Event(), threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            seen.extend(torch.randint(0, 2**62, (4,)).tolist())  # 62 bits: no chance collisions
+            started.set()
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        started.wait(10)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            mrbp.backward(model, ids)
+            actual = grads(model)
+            assert actual.keys() == expected.keys()
+            worst = max(relative_error(actual[n], expected[n]) for n in expected)
+            assert worst < 1e-5, worst
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) > 100
+    assert len(set(seen)) == len(seen), f"{len(seen) - len(set(seen))} repeated draws"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mrbp_and_bptt_draw_once_from_the_global_generator(arch: str) -> None:
+    """Every dropout mask comes from a generator of the call: the global generator advances by
+    exactly the rollout seed's one draw, and its state is not reset to anything else."""
+    model, ids = make_model(arch), ids_for()
+    torch.manual_seed(3)
+    randomness.draw_rollout_seed()
+    expected = torch.rand(8)
+    for run in (lambda: model.sequence_loss(ids)[0].backward(), lambda: mrbp.backward(model, ids)):
+        torch.manual_seed(3)
+        run()
+        assert torch.equal(torch.rand(8), expected)
+
+
+def test_seeded_is_private_and_nests() -> None:
+    """``seeded`` yields its own generator and restores the enclosing one; the global generator
+    is never touched; ``seed=None`` means the global generator even inside another call."""
+    x = torch.ones(1000)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with randomness.seeded(5, torch.device("cpu")) as g:
+        assert isinstance(g, torch.Generator) and g.initial_seed() == 5
+        a = randomness.dropout(x, 0.5)
+        with randomness.seeded(None, torch.device("cpu")) as inner:
+            assert inner is None
+            torch.manual_seed(1)
+            global_draw = randomness.dropout(x, 0.5)
+        b = randomness.dropout(x, 0.5)
+    torch.set_rng_state(state)
+    with randomness.seeded(5, torch.device("cpu")):
+        assert torch.equal(randomness.dropout(x, 0.5), a)
+        assert torch.equal(randomness.dropout(x, 0.5), b)
+    torch.manual_seed(1)
+    assert torch.equal(randomness.dropout(x, 0.5), global_draw)
+    assert set(a.unique().tolist()) == {0.0, 2.0} and not torch.equal(a, b)
+    assert torch.equal(randomness.dropout(x, 0.5, training=False), x)
+
+
+def test_dropout_module_matches_nn_dropout_statistics_and_gradient() -> None:
+    layer = randomness.Dropout(0.25)
+    assert isinstance(layer, torch.nn.Dropout) and layer.state_dict() == {}
+    x = torch.randn(200, 200, requires_grad=True)
+    with randomness.seeded(11, torch.device("cpu")):
+        y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    layer.eval()
+    assert layer(x) is x
+
+
+@pytest.mark.slow
+def test_compiled_layers_with_dropout_match_eager_mrbp() -> None:
+    """Dropout stays compilable with fullgraph=True: compiled layers give MRBP the same masks,
+    hence the same gradients, as eager."""
+    torch._dynamo.reset()
+    model, ids = make_model("encoder-decoder"), ids_for(T=2)
+    torch.manual_seed(4)
+    mrbp.backward(model, ids)
+    eager = grads(model)
+    model.zero_grad(set_to_none=True)
+    for layer in [*model.blocks, model.writer, *model.decoder]:
+        layer.compile(fullgraph=True, backend="aot_eager")
+    torch.manual_seed(4)
+    mrbp.backward(model, ids)
+    compiled = grads(model)
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], msg=name)
