@@ -53,6 +53,61 @@ def check_pair(name: str, t: Tensor, other_name: str, other: Tensor) -> None:
         )
 
 
+def check_attention_mask(
+    name: str, mask: object, x: Tensor, heads: int, key_length: int | None = None
+) -> None:
+    """``mask`` is None or a bool SDPA mask broadcastable to ``[B, H, Lq, Lk]`` for queries ``x:
+    [B, Lq, D]`` (``Lk`` defaults to ``Lq``), on ``x``'s device; else a TypeError/ValueError.
+
+    Only bool is taken: SDPA would add a float mask to the logits, so a 0/1 float mask would let
+    every position through (padding and the future included).
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{name} must be a bool tensor (True = may attend), got {mask.dtype}: a float mask "
+            "would be added to the attention logits; build one with attention_mask_2d"
+        )
+    batch, length = x.shape[0], x.shape[1]
+    keys = length if key_length is None else key_length
+    shape = list(mask.shape)
+    if (
+        mask.dim() != 4
+        or shape[0] not in (1, batch)
+        or shape[1] not in (1, heads)
+        or shape[2] not in (1, length)
+        or shape[3] != keys
+    ):
+        raise ValueError(
+            f"{name} must have shape [{batch} or 1, {heads} or 1, {length} or 1, {keys}] "
+            f"([B, H, Lq, Lk], True = may attend; attention_mask_2d builds it from a [B, L] "
+            f"mask), got {shape}"
+        )
+    if mask.device != x.device:
+        raise ValueError(
+            f"{name} must be on the device of the hidden states ({x.device}), got {mask.device}"
+        )
+
+
+def check_key_mask(name: str, mask: object, batch: int, length: int, device: torch.device) -> None:
+    """``mask`` is None or a bool ``[batch, length]`` tensor (True = real token) on ``device``."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
+    if list(mask.shape) != [batch, length]:
+        raise ValueError(
+            f"{name} must have shape [{batch}, {length}] ([B, L]), got {list(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {device}, got {mask.device}")
+
+
 def attention_mask_2d(
     key_mask: Tensor | None, length: int, causal: bool, device: torch.device
 ) -> Tensor | None:
@@ -121,6 +176,8 @@ class RotarySelfAttention(nn.Module):
     ) -> Tensor:
         """With ``cache``, ``x`` holds the positions that follow the cached ones (causal, no
         ``mask``): their keys and values join the cache."""
+        check_states("x", x, self.qkv.in_features, "[B, L, D] hidden states")
+        check_attention_mask("mask", mask, x, self.n_heads)
         offset = 0 if cache is None else len(cache)
         q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
         positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
@@ -164,6 +221,12 @@ class CrossAttention(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         """``cache`` keeps the context's keys and values, computed once per context."""
+        check_states("x", x, self.q.in_features, "[B, Lq, D] hidden states")
+        check_states("context", context, self.q.in_features, "[B, Lk, D] encoder output")
+        check_pair("context", context, "x", x)
+        check_key_mask(
+            "context_mask", context_mask, context.shape[0], context.shape[1], context.device
+        )
         q = _split_heads(self.q(x), self.n_heads).transpose(1, 2)
         if cache is not None and cache.k is not None and cache.v is not None:
             k, v = cache.k, cache.v
@@ -345,6 +408,8 @@ class MemoryBlock(nn.Module):
     def forward(
         self, h: Tensor, memory: Tensor, mask: Tensor | None, cache: KVCache | None = None
     ) -> Tensor:
+        check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
+        check_attention_mask("mask", mask, h, self.attn.n_heads)
         h = h + self.dropout(self.attn(self.attn_norm(h), mask, self.causal, cache))
         h = h + self.dropout(self.reader(h, memory))
         return h + self.dropout(self.ff(self.ff_norm(h)))
@@ -383,6 +448,13 @@ class DecoderBlock(nn.Module):
         caches: tuple[KVCache, KVCache] | None = None,
     ) -> Tensor:
         """``caches``: the self- and cross-attention caches, for token-by-token decoding."""
+        check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
+        check_attention_mask("mask", mask, h, self.attn.n_heads)
+        check_states("context", context, self.attn_norm.normalized_shape[0], "[B, Lc, D]")
+        check_pair("context", context, "h", h)
+        check_key_mask(
+            "context_mask", context_mask, context.shape[0], context.shape[1], context.device
+        )
         self_cache, cross_cache = (None, None) if caches is None else caches
         h = h + self.dropout(self.attn(self.attn_norm(h), mask, True, self_cache))
         h = h + self.dropout(self.cross(self.cross_norm(h), context, context_mask, cross_cache))

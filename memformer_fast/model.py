@@ -380,7 +380,7 @@ class Memformer(nn.Module):
                             f"labels must have the shape of decoder_input_ids "
                             f"{list(decoder_input_ids.shape)}, got {list(labels.shape)}"
                         )
-                    loss = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.flatten())
+                    loss = _segment_loss(logits, labels)
         else:
             if decoder_input_ids is not None:
                 raise ValueError(
@@ -394,7 +394,7 @@ class Memformer(nn.Module):
                     if mask is None
                     else labels[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
                 )
-                loss = F.cross_entropy(_upcast(logits[:, :-1]).flatten(0, 1), targets.flatten())
+                loss = _segment_loss(logits[:, :-1], targets)
         return MemformerOutput(logits=logits, memory=new_memory, loss=loss)
 
     # ------------------------------------------------------------------ rollouts
@@ -663,6 +663,20 @@ class Memformer(nn.Module):
         if not tokens:
             return prompt_ids.new_empty(prompt_ids.shape[0], 0, dtype=torch.long)
         return torch.stack(tokens, dim=1)
+
+
+def _segment_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits [B, n, V]`` against ``targets [B, n]`` (-100 ignored).
+
+    A mean over no token is undefined (``F.cross_entropy`` returns NaN): refused, as
+    ``sequence_loss`` refuses a rollout with nothing to predict.
+    """
+    if not bool((targets != IGNORE_INDEX).any()):
+        raise ValueError(
+            "labels: the segment has no token to predict (every label is -100 or padded by "
+            "attention_mask), so its mean loss is undefined: leave labels out for this segment"
+        )
+    return F.cross_entropy(_upcast(logits).flatten(0, 1), targets.flatten())
 
 
 def _upcast(logits: Tensor) -> Tensor:

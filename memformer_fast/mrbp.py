@@ -58,6 +58,23 @@ def _unwrap(model: nn.Module) -> Memformer:
     return inner
 
 
+def _refuse_post_accumulate_hooks(net: Memformer) -> None:
+    """Refuse parameters with ``register_post_accumulate_grad_hook`` hooks.
+
+    MRBP accumulates each gradient over one backward call per segment, into ``.grad`` tensors it
+    swaps in and out to stay atomic: such a hook (the optimizer-in-backward pattern) would fire
+    once per segment on a partial gradient, and before the finiteness checks.
+    """
+    for name, p in net.named_parameters():
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            raise RuntimeError(
+                f"mrbp.backward: parameter {name!r} has a post-accumulate-grad hook "
+                "(register_post_accumulate_grad_hook); MRBP runs one backward call per segment, "
+                "so it would fire once per segment on a partial gradient. Remove the hooks and "
+                "act on .grad after mrbp.backward returns, or train with sequence_loss (BPTT)"
+            )
+
+
 def _sharded(model: nn.Module) -> bool:
     """Whether ``model`` is FSDP-wrapped (FSDP1) or has FSDP2/DTensor-sharded parameters.
 
@@ -108,11 +125,14 @@ def backward(
         :class:`MRBPResult`.
 
     Raises:
+        RuntimeError: a parameter has a post-accumulate-grad hook (see
+            :func:`_refuse_post_accumulate_hooks`); nothing was changed.
         FloatingPointError: a segment's memory or loss is not finite; every ``.grad`` (the
             parameters' and ``memory``'s) is then left exactly as it was before the call. Under
             DDP every rank raises when any rank finds a non-finite value.
     """
     net = _unwrap(model)
+    _refuse_post_accumulate_hooks(net)
     ddp = model if isinstance(model, DistributedDataParallel) else None
     for name, flag in (("offload", offload), ("preserve_rng", preserve_rng)):
         if not isinstance(flag, bool):

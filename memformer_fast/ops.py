@@ -145,6 +145,18 @@ def _read_backward(ctx, do: Tensor, _dlse: Tensor):
 memory_read_fwd.register_autograd(_read_backward, setup_context=_read_setup_context)
 
 
+def _refuse_double_backward(ctx, *grads: Tensor) -> None:
+    """The backward ops have no derivative of their own: say so instead of torch's generic
+    "no autograd formula was registered" (the reference backend is plain autograd and has one)."""
+    raise RuntimeError(
+        "memformer_fast: double backward (a gradient of a gradient, e.g. create_graph=True then "
+        "backward again) is not supported by backend='triton'; use backend='reference' for it"
+    )
+
+
+memory_read_bwd.register_autograd(_refuse_double_backward)
+
+
 # --------------------------------------------------------------------------------------------
 # Memory write
 # --------------------------------------------------------------------------------------------
@@ -324,6 +336,7 @@ def _write_backward(ctx, do: Tensor, _dlse: Tensor):
 
 
 memory_write_fwd.register_autograd(_write_backward, setup_context=_write_setup_context)
+memory_write_bwd.register_autograd(_refuse_double_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,6 +459,7 @@ def _gated_backward(ctx, dout: Tensor):
 
 
 gated_memory_update_fwd.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+gated_memory_update_bwd.register_autograd(_refuse_double_backward)
 
 
 # --------------------------------------------------------------------------------------------

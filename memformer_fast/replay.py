@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import numbers
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,7 @@ class ReplayBuffer:
 
     Raises:
         ImportError: the extension is missing or stale (see :func:`load_extension`).
+        TypeError: ``capacity`` is not an int (a bool is not taken) or ``offload`` not a bool.
         ValueError: a non-positive capacity or size in ``shape``, or an unsupported device.
     """
 
@@ -100,8 +102,17 @@ class ReplayBuffer:
         device: torch.device | str | int,
         offload: bool = False,
     ) -> None:
+        # pybind11 would take True as capacity 1 and any truthy object as offload=True.
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, numbers.Integral)):
+            raise TypeError(
+                f"ReplayBuffer: capacity must be an int, got {type(capacity).__name__} {capacity!r}"
+            )
+        if not isinstance(offload, bool):
+            raise TypeError(
+                f"ReplayBuffer: offload must be a bool, got {type(offload).__name__} {offload!r}"
+            )
         self._impl = load_extension().ReplayBuffer(
-            capacity, tuple(shape), dtype, torch.device(device), bool(offload)
+            int(capacity), tuple(shape), dtype, torch.device(device), offload
         )
 
     def push(self, state: Tensor, rng_seed: int = 0) -> int:

@@ -26,6 +26,7 @@ from memformer_fast import (
     functional,
     mrbp,
 )
+from memformer_fast.layers import attention_mask_2d
 
 B, L, S, H, DH = 2, 5, 3, 2, 4  # op shapes: batch, tokens, slots, heads, head dim
 VOCAB, WIDTH, SLOTS, SEG = 11, 16, 3, 4  # the tiny models
@@ -142,6 +143,13 @@ def update(e, **kw):
     return functional.gated_memory_update(**args)
 
 
+def causal(e) -> torch.Tensor:
+    """The blocks' bool SDPA mask ``[B, 1, L, L]`` for the env's segment (one padded key)."""
+    keys = torch.ones(2, SEG, dtype=torch.bool)
+    keys[1, -1] = False
+    return attention_mask_2d(keys, SEG, True, torch.device("cpu"))
+
+
 META = torch.device("meta")  # stands in for a second device
 NAN, INF = float("nan"), float("inf")
 
@@ -253,6 +261,39 @@ CASES = [
          ("memory must have shape [B, *, 16]", "got [0, 3, 16]")),
     Case("writer-initial-memory-zero", lambda e: e.dec.writer.initial_memory(0), ValueError,
          ("batch_size must be a positive int", "got 0")),
+    # ---- masks at the blocks and attention layers
+    Case("block-mask-float", lambda e: e.dec.blocks[0](e.h, e.memory, causal(e).float()),
+         TypeError, ("mask must be a bool tensor (True = may attend)", "torch.float32",
+                     "attention_mask_2d")),
+    Case("block-mask-key-shape", lambda e: e.dec.blocks[0](e.h, e.memory, e.seg > 0), ValueError,
+         ("mask must have shape [2 or 1, 2 or 1, 4 or 1, 4]", "got [2, 4]")),
+    Case("block-mask-length", lambda e: e.dec.blocks[0](e.h, e.memory, causal(e)[..., :3]),
+         ValueError, ("mask must have shape [2 or 1, 2 or 1, 4 or 1, 4]", "got [2, 1, 4, 3]")),
+    Case("block-mask-device", lambda e: e.dec.blocks[0](e.h, e.memory, causal(e).to(META)),
+         ValueError, ("mask must be on the device of the hidden states (cpu)", "meta")),
+    Case("block-mask-not-tensor", lambda e: e.dec.blocks[0](e.h, e.memory, [[True]]), TypeError,
+         ("mask must be a bool torch.Tensor or None", "list")),
+    Case("attention-mask-int", lambda e: e.dec.blocks[0].attn(e.h, causal(e).long()), TypeError,
+         ("mask must be a bool tensor", "torch.int64")),
+    Case("attention-x-width", lambda e: e.dec.blocks[0].attn(e.h[..., :8], None), ValueError,
+         ("x must have shape [B, *, 16]", "got [2, 4, 8]")),
+    Case("decoder-block-mask-float",
+         lambda e: e.encdec.decoder[0](e.h, e.h, causal(e).float(), None), TypeError,
+         ("mask must be a bool tensor", "torch.float32")),
+    Case("decoder-block-context-mask-float",
+         lambda e: e.encdec.decoder[0](e.h, e.h, None, (e.seg > 0).float()), TypeError,
+         ("context_mask must be a bool tensor (True = real token)", "torch.float32")),
+    Case("decoder-block-context-mask-shape",
+         lambda e: e.encdec.decoder[0](e.h, e.h, None, causal(e)), ValueError,
+         ("context_mask must have shape [2, 4] ([B, L])", "got [2, 1, 4, 4]")),
+    Case("decoder-block-context-batch", lambda e: e.encdec.decoder[0](e.h, e.h[:1], None, None),
+         ValueError, ("context must have the batch size of h (2)", "got 1")),
+    Case("cross-attention-context-mask-length",
+         lambda e: e.encdec.decoder[0].cross(e.h, e.h, (e.seg > 0)[:, :3]), ValueError,
+         ("context_mask must have shape [2, 4] ([B, L])", "got [2, 3]")),
+    Case("cross-attention-context-width",
+         lambda e: e.encdec.decoder[0].cross(e.h, e.h[..., :8], None), ValueError,
+         ("context must have shape [B, *, 16]", "got [2, 4, 8]")),
     # ---- Memformer.forward
     Case("forward-ids-rank", lambda e: e.dec(e.seg[0]), ValueError,
          ("input_ids must have shape [B, L]", "got [4]")),
@@ -296,6 +337,11 @@ CASES = [
          ("labels must have batch size 2", "got 1")),
     Case("forward-decoder-ids-too-long", lambda e: e.encdec(e.seg, decoder_input_ids=e.ids),
          ValueError, ("decoder_input_ids has 8 tokens", "segment_length=4")),
+    Case("forward-all-padding-with-labels",
+         lambda e: e.dec(e.seg, attention_mask=e.seg < 0, labels=e.seg), ValueError,
+         ("labels: the segment has no token to predict", "padded by attention_mask")),
+    Case("forward-encdec-labels-all-ignored", lambda e: e.encdec(e.seg, labels=e.seg * 0 - 100),
+         ValueError, ("labels: the segment has no token to predict",)),
     Case("forward-decoder-ids-wrong-arch", lambda e: e.dec(e.seg, decoder_input_ids=e.seg),
          ValueError, ("decoder_input_ids is only used by the 'encoder-decoder'",)),
     # ---- Memformer.sequence_loss / init_memory / generate
@@ -380,6 +426,10 @@ BUFFER_CASES = [
     Case("buffer-pop-empty", lambda e: e.empty_buffer.pop(), IndexError, ("empty",)),
     Case("buffer-zero-capacity", lambda e: ReplayBuffer(0, (2, 3), torch.float32, "cpu"),
          ValueError, ("capacity", "0")),
+    Case("buffer-offload-string", lambda e: ReplayBuffer(2, (2, 3), torch.float32, "cpu", "no"),
+         TypeError, ("offload must be a bool", "str 'no'")),
+    Case("buffer-capacity-bool", lambda e: ReplayBuffer(True, (2, 3), torch.float32, "cpu"),
+         TypeError, ("capacity must be an int", "bool True")),
     Case("buffer-nbytes-where", lambda e: e.buffer.nbytes("gpu"), ValueError, ("where", "gpu")),
 ]  # fmt: skip
 # ---- MemformerConfig: zero slots and other impossible configurations
