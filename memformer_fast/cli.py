@@ -2,36 +2,115 @@
 info.
 
 A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
-turns a :class:`~memformer_fast.training.UserError` into a one-line message with exit status 2,
-and a Ctrl-C into status 130 (after ``train`` has saved a resumable checkpoint).
+turns a bad flag or a :class:`~memformer_fast.training.UserError` into a one-line message with
+exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number (130, 143, 129)
+after ``train`` has saved a resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from . import __version__
-from .training import CHECKPOINT_NAME, UserError
+from .training import CHECKPOINT_NAME, CheckpointWarning, UserError
 
 PROG = "memformer-fast"
 
 
 def _device(name: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N, checked against this machine."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here (try --device cpu)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return name
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+# Flag types: a bad value becomes one line from the parser (see _Parser.error), exit status 2.
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+MAX_SEED = 2**63 - 1
+
+
+def _seed(text: str) -> int:
+    value = _integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------------------------------- demo
@@ -44,8 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The small model's operations are too small to split across threads: one thread is faster
     # and does not fight other processes for the cores.
     threads = args.threads or (1 if device == "cpu" and args.size == "small" else None)
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     options = DemoOptions(
         size=args.size,
         segments=args.segments,
@@ -132,6 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ByteData,
         Trainer,
         TrainSettings,
+        check_output_dir,
         load_checkpoint,
         load_documents,
         resumed_config,
@@ -139,14 +218,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     out = Path(args.out)
     path = out / CHECKPOINT_NAME
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     model_fields = _model_overrides(args)
-    if args.max_bytes is not None and args.max_bytes < 1:
-        raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    check_output_dir(out)  # before any work: a folder that cannot be written loses the run
     documents = load_documents(args.data, args.glob, args.max_bytes)
     corpus, n_files = b"".join(documents), len(documents)
     if args.resume:
@@ -165,6 +242,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UserError(str(error)) from None
         settings = TrainSettings(**overrides)
+    if config.architecture == "encoder-decoder" and settings.segments < 2:
+        raise UserError(
+            f"--segments must be >= 2 with --architecture encoder-decoder (segment t predicts "
+            f"segment t + 1), got {settings.segments}"
+        )
     rollout_bytes = settings.segments * config.segment_length
     if settings.reset_at_file_boundaries:
         data = ByteData.from_documents(
@@ -176,6 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer.resume(ckpt, data, settings, device)
     else:
         trainer = Trainer.create(config, data, settings, device)
+    check_output_dir(out, trainer.checkpoint_bytes_estimate())
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print(
         f"{PROG} train: {n_files} file(s), {len(corpus):,} bytes "
@@ -192,12 +275,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     status = trainer.train(path, progress=not args.no_progress)
     if status == "interrupted":
-        print(
-            f"\ninterrupted: saved step {trainer.step} to {path}; continue with the same "
-            "command plus --resume",
-            file=sys.stderr,
-        )
-        return 130
+        signum = trainer.stop_signal or 2
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(
+                f"\n{signal_name(signum)}: saved step {trainer.step} to {path}; continue with the "
+                "same command plus --resume",
+                file=sys.stderr,
+            )
+        return 128 + signum
     last = trainer.history[-1] if trainer.history else None
     summary = f", held-out {last['bits_per_byte']:.3f} bits/byte" if last else ""
     print(f"done: step {trainer.step}{summary}; checkpoint {path}")
@@ -223,8 +308,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_bytes is not None and args.max_bytes < 1:
         raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
     device = _device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, device)
     documents: list[bytes] = []
@@ -266,23 +350,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .training import load_model, stream_bytes
 
-    if args.max_bytes < 0:
-        raise UserError(f"--max-bytes must be >= 0, got {args.max_bytes}")
-    if not args.temperature >= 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    model = load_model(args.checkpoint, _device(args.device))
-    prompt = args.prompt.encode()
+    device = _device(args.device)
+    # One token at a time is too little work to split across threads: one is fastest on a CPU.
+    _set_threads(args.threads or (1 if device == "cpu" else None))
+    try:  # argv arrives decoded with surrogateescape: this gives back the bytes as typed
+        prompt = os.fsencode(args.prompt)
+    except UnicodeEncodeError as error:
+        raise UserError(f"--prompt cannot be encoded as bytes: {error.reason}") from None
+    model = load_model(args.checkpoint, device)
+    top_k = args.top_k if args.top_k > 0 else None
+    # Printed as UTF-8 text, invalid sequences replaced (what a terminal shows anyway); the
+    # model itself sees and continues the exact bytes.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    top_k = args.top_k if args.top_k > 0 else None
-    for byte in stream_bytes(model, prompt, args.max_bytes, args.temperature, top_k, args.seed):
-        text = decoder.decode(bytes([byte]))
-        if text:
-            out.write(text)
-            out.flush()
-    out.write(decoder.decode(b"", final=True) + "\n")
+    try:
+        out.write(decoder.decode(prompt))
+        out.flush()
+        for byte in stream_bytes(model, prompt, args.max_bytes, args.temperature, top_k, args.seed):
+            text = decoder.decode(bytes([byte]))
+            if text:
+                out.write(text)
+                out.flush()
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader is gone (`| head`): stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail too
     return 0
 
 
@@ -367,7 +461,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Memformer (memory-augmented Transformer) trained with Memory Replay "
         "Back-Propagation.",
@@ -389,25 +483,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="small: 16 segments, about two minutes on 2 CPU cores; large: a wider, deeper "
         "model on 32 segments of 32 tokens (a GPU is advised)",
     )
-    demo.add_argument("--segments", type=int, help="segments per sequence (default 16 / 32)")
-    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument(
+        "--segments", type=_at_least(2), help="segments per sequence (default 16 / 32)"
+    )
+    demo.add_argument("--batch-size", type=POSITIVE, default=32)
     demo.add_argument(
         "--steps-per-stage",
-        type=int,
+        type=POSITIVE,
         default=100,
         help="updates per curriculum stage (2, 4, 8, ... segments; the last gets twice as many)",
     )
     demo.add_argument(
         "--key-copies",
-        type=int,
+        type=POSITIVE,
         default=1,
         help="start with a stage of two segments holding this many marker-key pairs (easier; "
         "default 1: a single key from the start)",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     demo.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
-    demo.add_argument("--threads", type=int, help="CPU threads (default: 1 for --size small)")
+    demo.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 for --size small)")
     demo.add_argument("--out", default="runs/demo", help="folder for the plot and report.json")
     demo.add_argument(
         "--no-memory-probe",
@@ -426,38 +522,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("data", help="a text file, or a folder (its text files, recursively)")
     train.add_argument("--glob", help="only files whose name matches, e.g. '*.py'")
-    train.add_argument("--max-bytes", type=int, help="read at most this many bytes")
+    train.add_argument("--max-bytes", type=POSITIVE, help="read at most this many bytes")
     train.add_argument("--out", default="runs/train", help="folder of checkpoint.pt")
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     g = train.add_argument_group("model (fixed once a run has started)")
     g.add_argument("--architecture", choices=("decoder", "encoder-decoder"))
-    g.add_argument("--d-model", type=int, help=f"width (default {DEFAULT_MODEL['d_model']})")
-    g.add_argument("--n-heads", type=int, help=f"default {DEFAULT_MODEL['n_heads']}")
+    g.add_argument("--d-model", type=POSITIVE, help=f"width (default {DEFAULT_MODEL['d_model']})")
+    g.add_argument("--n-heads", type=POSITIVE, help=f"default {DEFAULT_MODEL['n_heads']}")
     g.add_argument(
-        "--layers", type=int, help=f"layers (default {DEFAULT_MODEL['n_decoder_layers']})"
+        "--layers", type=POSITIVE, help=f"layers (default {DEFAULT_MODEL['n_decoder_layers']})"
     )
-    g.add_argument("--d-ff", type=int, help="feed-forward width (default 4 x --d-model)")
+    g.add_argument("--d-ff", type=POSITIVE, help="feed-forward width (default 4 x --d-model)")
     g.add_argument(
-        "--slots", type=int, help=f"memory slots (default {DEFAULT_MODEL['n_memory_slots']})"
+        "--slots", type=POSITIVE, help=f"memory slots (default {DEFAULT_MODEL['n_memory_slots']})"
     )
     g.add_argument(
         "--segment-length",
-        type=int,
+        type=POSITIVE,
         help=f"bytes per segment (default {DEFAULT_MODEL['segment_length']})",
     )
-    g.add_argument("--dropout", type=float, help="default 0")
+    g.add_argument("--dropout", type=_non_negative_float, help="default 0")
     g.add_argument("--backend", choices=("auto", "reference", "triton"))
     t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
-    t.add_argument("--batch-size", type=int, help="parallel streams (default 8)")
-    t.add_argument("--segments", type=int, help="segments per MRBP rollout (default 4)")
-    t.add_argument("--steps", type=int, help="total updates (default 1000)")
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    t.add_argument("--warmup-steps", type=int, help="default 100")
-    t.add_argument("--eval-every", type=int, help="default 200")
-    t.add_argument("--eval-bytes", type=int, help="held-out bytes per evaluation (default 64K)")
-    t.add_argument("--save-every", type=int, help="default 200")
-    t.add_argument("--val-fraction", type=float, help="held-out share (default 0.05)")
-    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--batch-size", type=POSITIVE, help="parallel streams (default 8)")
+    t.add_argument("--segments", type=POSITIVE, help="segments per MRBP rollout (default 4)")
+    t.add_argument("--steps", type=NON_NEGATIVE, help="total updates (default 1000)")
+    t.add_argument("--lr", type=_finite, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup-steps", type=NON_NEGATIVE, help="default 100")
+    t.add_argument("--eval-every", type=POSITIVE, help="default 200")
+    t.add_argument(
+        "--eval-bytes", type=POSITIVE, help="held-out bytes per evaluation (default 64K)"
+    )
+    t.add_argument("--save-every", type=POSITIVE, help="default 200")
+    t.add_argument("--val-fraction", type=_finite, help="held-out share (default 0.05)")
+    t.add_argument("--seed", type=_seed, help="default 0")
     t.add_argument(
         "--reset-at-file-boundaries",
         action="store_true",
@@ -473,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parameter count)",
     )
     train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    train.add_argument("--threads", type=POSITIVE, help="CPU threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -492,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="files evaluated side by side")
     ev.add_argument("--json", help="also write the report as JSON to this file")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    ev.add_argument("--threads", type=POSITIVE, help="CPU threads (default: torch's)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -504,11 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
     gen.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    gen.add_argument("--max-bytes", type=int, default=500)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-bytes", type=NON_NEGATIVE, default=500)
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = no top-k filtering")
+    gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--device", default="auto")
+    gen.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 on the CPU)")
     gen.set_defaults(func=cmd_generate)
 
     export = sub.add_parser(
@@ -526,17 +625,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def signal_name(signum: int) -> str:
+    return {2: "interrupted", 15: "terminated (SIGTERM)", 1: "hung up (SIGHUP)"}.get(
+        signum, f"stopped by signal {signum}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``memformer-fast``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as error:
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CheckpointWarning)
+        showwarning = warnings.showwarning
+
+        def show(message, category, *rest, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            if issubclass(category, CheckpointWarning):
+                print(f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
+            else:
+                showwarning(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        try:
+            return int(args.func(args))
+        except UserError as error:
+            print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -18,12 +18,19 @@ and reset, and by position in the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import hashlib
+import io
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+import warnings
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -45,6 +52,27 @@ VOCAB_SIZE = 256  # bytes; token 0 (NUL, absent from text) doubles as BOS
 class UserError(Exception):
     """A problem with what the user gave (a path, a checkpoint, a flag): the message says what
     and how to fix it; the CLI prints it on one line and exits with status 2."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loads, but something about it deserves a word (no checksum: written by an
+    older version)."""
+
+
+# Signals that stop training like Ctrl-C: a checkpoint of the last completed step is saved.
+# SIGTERM is how schedulers (Slurm, Kubernetes) stop jobs; SIGHUP comes when the terminal closes.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP during :meth:`Trainer.train` (a
+    KeyboardInterrupt, so every handler for Ctrl-C handles it too)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -315,8 +343,8 @@ class TrainSettings:
                 )
         if self.steps < 0 or self.warmup_steps < 0:
             raise UserError("--steps and --warmup-steps must be >= 0")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -373,6 +401,11 @@ class Trainer:
     memory: Tensor | None = None  # carried into the next rollout; None = the initial memory
     history: list[dict[str, float]] = field(default_factory=list)
     rng_state: dict[str, Any] = field(default_factory=dict)  # at the last completed step
+    # The history entry of a step whose evaluation has not finished (interrupted): completed
+    # first thing by the next train(), so an interruption loses nothing.
+    pending_eval: dict[str, float] | None = None
+    saved_step: int | None = None  # the step of the checkpoint on disk, if any
+    stop_signal: int | None = None  # the signal that stopped the last train(), if any
 
     @classmethod
     def create(
@@ -387,7 +420,8 @@ class Trainer:
     # -------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The checkpoint's contents, with a ``checksum`` of everything else in it."""
+        state = {
             "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.model.config),
             "settings": asdict(self.settings),
@@ -398,15 +432,48 @@ class Trainer:
             "memory": None if self.memory is None else self.memory.cpu(),
             "rng": self.rng_state,
             "history": self.history,
+            "pending_eval": self.pending_eval,
         }
+        state["checksum"] = checksum(state)
+        return state
+
+    def checkpoint_bytes_estimate(self) -> int:
+        """About how many bytes a checkpoint takes (parameters, optimizer state, memory)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        memory = 0 if self.memory is None else self.memory.numel() * self.memory.element_size()
+        return 3 * params + memory + 256 * 1024  # Adam keeps two moments per parameter
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a checkpoint atomically: a crash while writing leaves the previous one intact."""
+        """Write a checkpoint atomically: the previous one stays intact until the new one is
+        complete on disk, and no temporary file is left behind, whatever goes wrong.
+
+        Raises:
+            UserError: the checkpoint could not be written (full disk, read-only folder, ...);
+                the message is one line and says what is still on disk.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        try:
+            with _signals_deferred():  # a signal mid-write would leave the temporary file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    _write_file(tmp, buffer.getbuffer())
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+        except OSError as error:
+            kept = (
+                f"the checkpoint of step {self.saved_step} is intact"
+                if self.saved_step is not None and path.is_file()
+                else "no checkpoint was written"
+            )
+            raise UserError(
+                f"could not save {path} (step {self.step}): {_os_reason(error)}; {kept}"
+            ) from None
+        self.saved_step = self.step
         return path
 
     @classmethod
@@ -425,7 +492,16 @@ class Trainer:
                 f"{ckpt['data']['crc32']:08x}; now {data.fingerprint['bytes']:,} bytes, crc32 "
                 f"{data.fingerprint['crc32']:08x}): resume on the same files"
             )
-        model = Memformer(config_from_dict(ckpt["config"])).to(device)
+        config = config_from_dict(ckpt["config"])
+        memory = ckpt["memory"]
+        rollout = settings.segments * config.segment_length
+        batch = streams(data.train, settings.batch_size, rollout).shape[0]
+        if memory is not None and memory.shape[0] != batch:
+            raise UserError(
+                f"{where} is invalid: memory has batch size {memory.shape[0]}, this run reads "
+                f"{batch} streams"
+            )
+        model = Memformer(config).to(device)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer = _optimizer(model, settings)
@@ -434,7 +510,6 @@ class Trainer:
             raise UserError(
                 f"{where} does not match its own config: {_first_line(error)}"
             ) from None
-        memory = ckpt["memory"]
         trainer = cls(
             model,
             optimizer,
@@ -444,6 +519,8 @@ class Trainer:
             memory=None if memory is None else memory.to(model.device),
             history=list(ckpt["history"]),
             rng_state=ckpt["rng"],
+            pending_eval=ckpt.get("pending_eval"),
+            saved_step=int(ckpt["step"]),
         )
         _restore_rng(trainer.rng_state, model.device)
         return trainer
@@ -485,7 +562,12 @@ class Trainer:
         return ids, inputs, step % count == 0
 
     def train_step(self) -> float:
-        """One MRBP update; returns the rollout's mean loss (nats per byte)."""
+        """One MRBP update; returns the rollout's mean loss (nats per byte).
+
+        Raises:
+            FloatingPointError: the loss, the memory or the gradient is not finite; nothing was
+                updated (the parameters, optimizer, memory and step are those of before).
+        """
         ids, inputs, restart = self._batch(self.step)
         memory = None if restart or self.memory is None else self.memory
         self.optimizer.zero_grad(set_to_none=True)
@@ -497,9 +579,12 @@ class Trainer:
             labels=inputs.labels,
             resets=inputs.resets,
         )
-        if self.settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        with _sigint_deferred():  # the commit is all or nothing, even under Ctrl-C
+        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm of step {self.step + 1} is not finite")
+        with _signals_deferred():  # the commit is all or nothing, even under Ctrl-C or SIGTERM
             for group in self.optimizer.param_groups:
                 group["lr"] = self.settings.lr_at(self.step)
             self.optimizer.step()
@@ -511,7 +596,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
         """Bits per byte on (up to ``eval_bytes`` of) the held-out split, with the memory as the
-        run trains it (carried, reset at file starts, or reset every segment)."""
+        run trains it (carried, reset at file starts, or reset every segment).
+
+        Draws no random numbers (eval mode), so it can be rerun after an interruption.
+        """
         data = streams(self.data.val, self.settings.batch_size, self.rollout_bytes)
         per_rollout = data.shape[0] * data.shape[2]
         n = max(1, min(data.shape[1], math.ceil(self.settings.eval_bytes / per_rollout)))
@@ -531,6 +619,19 @@ class Trainer:
         mean = total / max(count, 1)
         return EvalResult(self.step, mean / math.log(2), mean)
 
+    def _finish_eval(self, say: Callable[[str], None]) -> float:
+        """Evaluate for ``pending_eval`` and move it into the history; returns bits per byte."""
+        assert self.pending_eval is not None
+        bpb = self.evaluate().bits_per_byte
+        entry = {**self.pending_eval, "bits_per_byte": bpb}
+        self.history.append(entry)
+        self.pending_eval = None
+        say(
+            f"step {entry['step']}: train loss {entry['train_loss']:.3f}, held-out {bpb:.3f} "
+            "bits/byte"
+        )
+        return bpb
+
     def train(
         self,
         checkpoint: str | os.PathLike | None = None,
@@ -539,8 +640,14 @@ class Trainer:
     ) -> str:
         """Train up to ``settings.steps``; evaluate and save periodically and at the end.
 
-        Returns ``"done"``, or ``"interrupted"`` after a KeyboardInterrupt (Ctrl-C), when a
-        checkpoint of the last completed step has been saved (if ``checkpoint`` is given).
+        Returns ``"done"``, or ``"interrupted"`` after Ctrl-C, SIGTERM or SIGHUP (the signal is
+        in ``stop_signal``), when a checkpoint of the last completed step has been saved (if
+        ``checkpoint`` is given). An interrupted evaluation is finished by the next call.
+
+        Raises:
+            UserError: a checkpoint could not be written, or the loss or gradient stopped being
+                finite (then the last checkpoint on disk is kept, or the last finite step is
+                saved when there is none; the message says what to try).
         """
         from tqdm.auto import tqdm
 
@@ -555,31 +662,53 @@ class Trainer:
         say = log or bar.write
         bpb = self.history[-1]["bits_per_byte"] if self.history else float("nan")
         tokens, seconds = 0, 0.0
+        self.stop_signal = None
         try:
-            while self.step < s.steps:
-                start = time.perf_counter()
-                loss = self.train_step()
-                seconds += time.perf_counter() - start
-                tokens += s.batch_size * self.rollout_bytes
-                if self.step % s.eval_every == 0 or self.step == s.steps:
-                    bpb = self.evaluate().bits_per_byte
-                    self.history.append(
-                        {"step": self.step, "train_loss": loss, "bits_per_byte": bpb}
+            with _signals_stop():
+                if self.pending_eval is not None:
+                    bpb = self._finish_eval(say)
+                while self.step < s.steps:
+                    start = time.perf_counter()
+                    loss = self.train_step()
+                    seconds += time.perf_counter() - start
+                    tokens += s.batch_size * self.rollout_bytes
+                    if self.step % s.eval_every == 0 or self.step == s.steps:
+                        self.pending_eval = {"step": self.step, "train_loss": loss}
+                        bpb = self._finish_eval(say)
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        val_bpb=f"{bpb:.3f}",
+                        bytes_per_s=f"{tokens / seconds:,.0f}",
                     )
-                    say(f"step {self.step}: train loss {loss:.3f}, held-out {bpb:.3f} bits/byte")
-                bar.set_postfix(
-                    loss=f"{loss:.3f}", val_bpb=f"{bpb:.3f}", bytes_per_s=f"{tokens / seconds:,.0f}"
-                )
-                bar.update(1)
-                if checkpoint and (self.step % s.save_every == 0 or self.step == s.steps):
-                    self.save(checkpoint)
-        except KeyboardInterrupt:
+                    bar.update(1)
+                    if checkpoint and (self.step % s.save_every == 0 or self.step == s.steps):
+                        self.save(checkpoint)
+        except KeyboardInterrupt as stop:
             bar.close()
+            self.stop_signal = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
             if checkpoint:
                 self.save(checkpoint)
             return "interrupted"
+        except FloatingPointError as error:
+            bar.close()
+            raise UserError(self._diverged(error, checkpoint)) from None
         bar.close()
         return "done"
+
+    def _diverged(self, error: FloatingPointError, checkpoint: str | os.PathLike | None) -> str:
+        """Keep (or, when there is none, save) a finite checkpoint; the message says what."""
+        if checkpoint and self.saved_step is not None and Path(checkpoint).is_file():
+            kept = f"kept the checkpoint of step {self.saved_step} in {checkpoint}"
+        elif checkpoint:
+            self.save(checkpoint)
+            kept = f"saved the last finite step, {self.step}, to {checkpoint}"
+        else:
+            kept = f"the last finite step is {self.step}"
+        return (
+            f"training diverged: {_first_line(error)}; {kept}. Try a lower --lr (now "
+            f"{self.settings.lr:g}) or a longer warm-up (--warmup-steps, now "
+            f"{self.settings.warmup_steps}), then --resume"
+        )
 
 
 def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> MemformerConfig:
@@ -619,7 +748,17 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a checkpoint (tensors and plain data only: no code runs on load)."""
+    """Load and check a checkpoint (tensors and plain data only: no code runs on load).
+
+    Every field is validated (config, settings, step, model and optimizer tensors finite, the
+    memory's shape, dtype and values, the random state, the history), then the contents are
+    compared with the checksum written with them. A checkpoint written before checksums existed
+    is verified against its zip CRCs instead, with a :class:`CheckpointWarning`.
+
+    Raises:
+        UserError: no file, not a checkpoint, or a corrupted or hand-edited one; the message
+            names what is wrong.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -633,18 +772,186 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a memformer-fast checkpoint ({CHECKPOINT_FORMAT})")
-    missing = {"config", "settings", "data", "step", "model", "optimizer", "memory", "rng"} - set(
-        ckpt
-    )
+    required = {"config", "settings", "data", "step", "model", "optimizer", "memory", "rng"}
+    missing = (required | {"history"}) - set(ckpt)
     if missing:
         raise UserError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
-    ckpt["path"] = str(path)
     try:
-        config_from_dict(ckpt["config"])
+        config = config_from_dict(ckpt["config"])
         TrainSettings(**ckpt["settings"])
-    except (TypeError, ValueError, AttributeError, UserError) as error:
+    except (TypeError, ValueError, AttributeError, KeyError, UserError) as error:
         raise UserError(f"{path} has an invalid config: {_first_line(error)}") from None
+    problem = _invalid_field(ckpt, config)
+    if problem:
+        raise UserError(f"{path} is invalid (hand-edited or corrupted?): {problem}")
+    if "checksum" in ckpt:
+        problem = verify_checksum(ckpt)
+        if problem:
+            raise UserError(
+                f"{path} is corrupted: {problem} (the file changed after it was written); "
+                "restore a copy or start a new run"
+            )
+    else:
+        bad = _zip_crc_failure(path)
+        if bad:
+            raise UserError(f"{path} is corrupted: {bad} fails its zip CRC check")
+        warnings.warn(
+            f"{path} has no checksum (written by an older version): checked against its zip "
+            "CRCs only; the next save adds one",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+    ckpt["path"] = str(path)
     return ckpt
+
+
+def _invalid_field(ckpt: dict[str, Any], config: MemformerConfig) -> str | None:
+    """What is wrong with the fields of a loaded checkpoint, or None."""
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step must be an int >= 0, got {step!r}"
+    data = ckpt["data"]
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), int) for k in DATA_KEYS)):
+        return f"data must be a dict with int fields {list(DATA_KEYS)}, got {data!r}"
+    for name in ("model", "optimizer"):
+        tensors = _tensors(ckpt[name], name)
+        if not isinstance(ckpt[name], dict) or not tensors:
+            return f"{name} must be a state dict of tensors"
+        for where, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{where} is not finite"
+    if not isinstance(ckpt["optimizer"].get("param_groups"), list):
+        return "optimizer has no param_groups"
+    memory = ckpt["memory"]
+    if memory is not None:
+        c = config
+        if not isinstance(memory, Tensor):
+            return f"memory must be a tensor or None, got {type(memory).__name__}"
+        if memory.dim() != 3 or list(memory.shape[1:]) != [c.n_memory_slots, c.d_model]:
+            return (
+                f"memory must have shape [B, {c.n_memory_slots}, {c.d_model}] (batch, slots, "
+                f"width), got {list(memory.shape)}"
+            )
+        if memory.dtype != c.memory_dtype:
+            return f"memory must have dtype {c.memory_dtype}, got {memory.dtype}"
+        if not bool(torch.isfinite(memory).all()):
+            return "memory is not finite"
+    problem = _invalid_rng(ckpt["rng"])
+    if problem:
+        return problem
+    history = ckpt["history"]
+    entry_keys = {"step", "train_loss", "bits_per_byte"}
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and set(h) == entry_keys for h in history
+    ):
+        return f"history must be a list of dicts with keys {sorted(entry_keys)}"
+    pending = ckpt.get("pending_eval")
+    if pending is not None and not (
+        isinstance(pending, dict) and set(pending) == {"step", "train_loss"}
+    ):
+        return "pending_eval must be None or a dict with keys ['step', 'train_loss']"
+    return None
+
+
+def _invalid_rng(rng: object) -> str | None:
+    """What is wrong with a saved random state, or None (tried on a scratch generator)."""
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), Tensor):
+        return "rng must be a dict holding the 'torch' generator state"
+    for key, state in rng.items():
+        if key not in ("torch", "cuda") or not isinstance(state, Tensor):
+            return f"rng has an unexpected entry {key!r}"
+        if state.dtype != torch.uint8 or state.dim() != 1:
+            return f"rng[{key!r}] must be a 1-D uint8 tensor, got {state.dtype} {list(state.shape)}"
+    try:
+        torch.Generator().set_state(rng["torch"])
+    except RuntimeError as error:
+        return f"rng['torch'] is not a CPU generator state: {_first_line(error)}"
+    return None
+
+
+DATA_KEYS = ("bytes", "crc32")
+
+
+def _tensors(obj: object, prefix: str) -> dict[str, Tensor]:
+    """Every tensor inside nested dicts/lists/tuples, by path (``model/embed.weight``)."""
+    found: dict[str, Tensor] = {}
+
+    def walk(where: str, value: object) -> None:
+        if isinstance(value, Tensor):
+            found[where] = value
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(f"{where}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{where}/{i}", item)
+
+    walk(prefix, obj)
+    return found
+
+
+def _plain_fields(obj: object, prefix: str, out: list[str]) -> None:
+    """``path=repr`` of every non-tensor leaf (lists and dict keys in a stable order)."""
+    if isinstance(obj, Tensor):
+        return
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            _plain_fields(obj[key], f"{prefix}/{key}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _plain_fields(item, f"{prefix}/{i}", out)
+    else:
+        out.append(f"{prefix}={obj!r}")
+
+
+def _tensor_digest(t: Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+CHECKED_FIELDS = ("config", "settings", "data", "step", "model", "optimizer", "memory", "rng",
+                  "history", "pending_eval")  # fmt: skip
+
+
+def checksum(state: dict[str, Any]) -> dict[str, Any]:
+    """sha256 of every tensor of a checkpoint (by path) and one of all its other fields."""
+    fields = {k: state.get(k) for k in CHECKED_FIELDS}
+    plain: list[str] = []
+    _plain_fields(fields, "", plain)
+    return {
+        "algorithm": "sha256",
+        "tensors": {k: _tensor_digest(t) for k, t in _tensors(fields, "").items()},
+        "fields": hashlib.sha256("\n".join(plain).encode()).hexdigest(),
+    }
+
+
+def verify_checksum(ckpt: dict[str, Any]) -> str | None:
+    """What does not match the checksum stored in ``ckpt``, or None."""
+    stored = ckpt["checksum"]
+    if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
+        return "its checksum entry is malformed"
+    actual = checksum(ckpt)
+    expected_tensors = stored.get("tensors")
+    if not isinstance(expected_tensors, dict):
+        return "its checksum entry is malformed"
+    for where in sorted(set(actual["tensors"]) | set(expected_tensors)):
+        if actual["tensors"].get(where) != expected_tensors.get(where):
+            return f"tensor {where.lstrip('/')} does not match its sha256 checksum"
+    if actual["fields"] != stored.get("fields"):
+        return "its fields (step, config, settings, history, ...) do not match their checksum"
+    return None
+
+
+def _zip_crc_failure(path: Path) -> str | None:
+    """The first member of the checkpoint's zip whose CRC fails, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"the archive ({_first_line(error)})"
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Memformer:
@@ -827,16 +1134,83 @@ def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the body has finished, then raise it (main thread only)."""
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the body has finished, then deliver the first one
+    caught to the handler in force before (main thread only: signals never arrive elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list[object] = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in
+                STOP_SIGNALS}  # fmt: skip
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:  # delivered again, now that the handlers in force before are back
+        signal.raise_signal(caught[0])
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """In the body, SIGTERM and SIGHUP raise :class:`Stopped`, handled like Ctrl-C (main thread
+    only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    others = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]
+    previous = {sig: signal.signal(sig, stop) for sig in others}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_file(path: Path, data: memoryview) -> None:
+    """Write ``data`` to a new file at ``path`` and force it to disk (OSError on failure)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _os_reason(error: OSError) -> str:
+    """One line for an OSError: its errno's text, and a hint for the usual suspects."""
+    reason = error.strerror or _first_line(error)
+    if error.errno == errno.ENOSPC:
+        reason += " (free some space, or choose another --out)"
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason += " (choose a writable --out)"
+    return reason
+
+
+def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0) -> Path:
+    """Make sure ``out`` is (or can be made) a folder where a checkpoint can be written, with
+    about ``needed_bytes`` free: checked when a run starts, not when its first save fails.
+
+    Raises:
+        UserError: ``out`` is a file, cannot be created or written, or its disk is too full.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: choose a folder for the checkpoint")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as error:
+        raise UserError(f"--out {out} cannot be written: {_os_reason(error)}") from None
+    free = shutil.disk_usage(out).free
+    if free < needed_bytes:
+        raise UserError(
+            f"--out {out} has {free / 2**20:.1f} MiB free, a checkpoint needs about "
+            f"{needed_bytes / 2**20:.1f} MiB: free some space or choose another --out"
+        )
+    return out
