@@ -340,3 +340,134 @@ def test_info_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None
         [sys.executable, "-m", "memformer_fast", "--version"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.startswith("memformer-fast ")
+
+
+# ------------------------------------------------------------------------------- bad flags
+
+BAD_FLAGS = [
+    # (case, argv after the command's own required arguments, fragments of the one line)
+    ("train-threads-negative", ["train", "--threads", "-1"], ["--threads", "must be >= 1", "-1"]),
+    ("train-threads-zero", ["train", "--threads", "0"], ["--threads", "must be >= 1"]),
+    ("train-device-unknown", ["train", "--device", "foo"], ["--device 'foo' is not a device"]),
+    ("train-device-other-type", ["train", "--device", "meta"], ["only cpu and cuda"]),
+    ("train-seed-too-large", ["train", "--seed", str(2**64)], ["--seed", "must be in [0, 2**63"]),
+    ("train-seed-negative", ["train", "--seed", "-1"], ["--seed", "must be in [0, 2**63"]),
+    ("train-seed-not-int", ["train", "--seed", "1.5"], ["--seed", "expected an integer"]),
+    ("train-encdec-one-segment", ["train", "--architecture", "encoder-decoder", "--segments", "1"],
+     ["--segments must be >= 2 with --architecture encoder-decoder", "got 1"]),
+    ("train-lr-inf", ["train", "--lr", "inf"], ["--lr", "must be a finite number, got inf"]),
+    ("train-lr-nan", ["train", "--lr", "nan"], ["--lr", "must be a finite number, got nan"]),
+    ("train-lr-zero", ["train", "--lr", "0"], ["--lr must be a finite number > 0, got 0.0"]),
+    ("train-dropout-one", ["train", "--dropout", "1"], ["dropout must be in [0, 1), got 1.0"]),
+    ("train-batch-size-zero", ["train", "--batch-size", "0"], ["--batch-size", "must be >= 1"]),
+    ("train-steps-negative", ["train", "--steps", "-5"], ["--steps", "must be >= 0, got -5"]),
+    ("train-d-model-word", ["train", "--d-model", "wide"], ["--d-model", "expected an integer"]),
+    ("train-heads-divide", ["train", "--n-heads", "3"], ["d_model (32) must be divisible"]),
+    ("train-val-fraction", ["train", "--val-fraction", "1.5"], ["--val-fraction must be in"]),
+    ("train-max-bytes-zero", ["train", "--max-bytes", "0"], ["--max-bytes", "must be >= 1"]),
+    ("generate-temperature-inf", ["generate", "--temperature", "inf"],
+     ["--temperature", "must be a finite number, got inf"]),
+    ("generate-temperature-negative", ["generate", "--temperature", "-1"],
+     ["--temperature", "must be >= 0"]),
+    ("generate-top-k-negative", ["generate", "--top-k", "-2"], ["--top-k", "must be >= 0"]),
+    ("generate-max-bytes-negative", ["generate", "--max-bytes", "-1"], ["--max-bytes", ">= 0"]),
+    ("generate-threads-negative", ["generate", "--threads", "-1"], ["--threads", "must be >= 1"]),
+    ("generate-seed-too-large", ["generate", "--seed", str(2**64)], ["--seed", "2**63"]),
+    ("generate-device-unknown", ["generate", "--device", "gpu0"], ["--device 'gpu0'"]),
+    ("demo-threads-negative", ["demo", "--threads", "-1"], ["--threads", "must be >= 1"]),
+    ("demo-segments-one", ["demo", "--segments", "1"], ["--segments", "must be >= 2"]),
+    ("demo-seed-too-large", ["demo", "--seed", str(2**64)], ["--seed", "2**63"]),
+]  # fmt: skip
+# The ones the issue found, also run as real processes (the rest run in-process: same code).
+SUBPROCESS_FLAGS = {"train-threads-negative", "train-device-unknown", "train-seed-too-large",
+                    "train-encdec-one-segment", "generate-temperature-inf"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("generate")
+    (folder / "corpus.txt").write_bytes(TEXT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    code = main(["train", str(folder / "corpus.txt"), "--out", str(folder / "run"), *TINY,
+                 "--steps", "1"])  # fmt: skip
+    torch.set_num_threads(threads)
+    assert code == 0
+    return folder / "run"
+
+
+def _full_argv(argv: list[str], corpus: Path, tmp_path: Path, checkpoint: Path) -> list[str]:
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        model = TINY if "--architecture" not in rest else TINY + ["--segments", "1"]
+        return ["train", str(corpus), "--out", str(tmp_path / "run"), *model, *rest]
+    if command == "generate":
+        return ["generate", str(checkpoint), "--max-bytes", "2", *rest]
+    return [command, "--out", str(tmp_path / "demo"), *rest]
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS, ids=[c[0] for c in BAD_FLAGS])
+def test_bad_flags_are_one_line_with_status_2(
+    case: tuple, capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path,
+    checkpoint_dir: Path,
+) -> None:  # fmt: skip
+    name, argv, fragments = case
+    argv = _full_argv(argv, corpus, tmp_path, checkpoint_dir)
+    if name in SUBPROCESS_FLAGS:
+        proc = subprocess.run([sys.executable, "-m", "memformer_fast", *argv],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        code, err = proc.returncode, proc.stderr
+    else:
+        try:
+            code = main(argv)
+        except SystemExit as exit_info:  # the parser's own errors
+            code = int(exit_info.code or 0)
+        err = capsys.readouterr().err
+    _assert_clean_error(code, err, *fragments)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_generate_into_a_closed_pipe_is_quiet(checkpoint_dir: Path) -> None:
+    """``memformer-fast generate ... | head -c 10``: no traceback, status 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memformer_fast", "generate", str(checkpoint_dir), "--max-bytes",
+         "100000", "--prompt", "x" * 50],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(10)
+    proc.stdout.close()  # what `head` does once it has its bytes
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert head == b"x" * 10 and err == b"", err
+
+
+def test_generate_takes_any_prompt_bytes(checkpoint_dir: Path) -> None:
+    """A non-UTF-8 prompt reaches the model as its bytes; the output is UTF-8 text."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "memformer_fast", "generate", str(checkpoint_dir), "--prompt",
+         b"ab\xffc\xe2\x82", "--max-bytes", "5", "--temperature", "0"],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ab\ufffdc".encode()) and b"Traceback" not in proc.stderr
+    proc.stdout.decode("utf-8")  # valid text
+    from memformer_fast.training import load_model, stream_bytes
+
+    model = load_model(checkpoint_dir)
+    expected = bytes(stream_bytes(model, b"ab\xffc\xe2\x82", 5, temperature=0.0))
+    whole = b"ab\xffc\xe2\x82" + expected + b"\n"
+    assert proc.stdout.decode() == whole.decode("utf-8", "replace")
+
+
+def test_generate_takes_threads(
+    capsys: pytest.CaptureFixture[str], checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, _, err = run(capsys, "generate", str(checkpoint_dir), "--max-bytes", "2", "--threads",
+                       "3", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert calls == [3]
+    code, _, _ = run(capsys, "generate", str(checkpoint_dir), "--max-bytes", "2", "--device", "cpu")
+    assert code == 0 and calls == [3, 1]  # default: one thread on the CPU

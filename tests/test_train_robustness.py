@@ -1,0 +1,388 @@
+"""``train`` and checkpoints when things go wrong (issue 13): unwritable or full output folders,
+signals, divergence, interrupted evaluations, corrupted and hand-edited checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from memformer_fast import training
+from memformer_fast.cli import main
+from memformer_fast.training import (
+    CheckpointWarning,
+    Trainer,
+    UserError,
+    load_checkpoint,
+    resumed_settings,
+)
+
+TEXT = "".join(
+    f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(400)
+).encode()
+TINY = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4", "--threads", "1"]
+TINY += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(TEXT)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli(*argv: str | bytes, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "memformer_fast", *argv],
+        capture_output=True,
+        env=ENV,
+        timeout=120,
+        **kwargs,
+    )
+
+
+def one_line_error(code: int, err: str | bytes, *fragments: str) -> None:
+    text = err.decode() if isinstance(err, bytes) else err
+    assert code == 2, text
+    assert "Traceback" not in text and text.strip().count("\n") == 0, text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "checkpoint.pt")
+
+
+# ------------------------------------------------------------------------- the output folder
+
+
+def read_only_dir(tmp_path: Path) -> Path:
+    """A folder nobody can write: chmod 555, or (as root, who ignores modes) /sys/kernel."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel")):
+        try:
+            (candidate / ".probe").touch()
+        except OSError:
+            return candidate
+        (candidate / ".probe").unlink()
+    pytest.skip("no read-only folder on this machine")
+
+
+def test_out_that_is_a_file_fails_at_start(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a-file"
+    out.write_text("x")
+    proc = cli("train", str(corpus), "--out", str(out), *TINY, "--steps", "2")
+    one_line_error(proc.returncode, proc.stderr, "is a file, not a folder")
+    assert out.read_text() == "x"
+
+
+def test_read_only_out_fails_at_start(corpus: Path, tmp_path: Path) -> None:
+    out = read_only_dir(tmp_path)
+    start = time.perf_counter()
+    proc = cli("train", str(corpus), "--out", str(out), *TINY, "--steps", "1000")
+    one_line_error(proc.returncode, proc.stderr, "cannot be written", "choose a writable --out")
+    assert b"step" not in proc.stdout  # refused before training, not at the first save
+    assert time.perf_counter() - start < 60
+
+
+def test_too_little_free_space_fails_at_start(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    real = training.shutil.disk_usage
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
+    code, out, err = run(capsys, "train", str(corpus), "--out", str(tmp_path / "o"), *TINY)
+    one_line_error(code, err, "0.1 MiB free, a checkpoint needs about")
+    assert "step" not in out
+
+
+def full_disk_after(saves: int) -> Callable[[Path, memoryview], None]:
+    """A ``_write_file`` that works ``saves`` times, then writes half and fails like a full
+    disk."""
+    real, calls = training._write_file, []
+
+    def write(path: Path, data: memoryview) -> None:
+        calls.append(path)
+        if len(calls) <= saves:
+            return real(path, data)
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    return write
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "_write_file", full_disk_after(1))
+    code, _, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY, "--steps", "4",
+                       "--save-every", "2", "--eval-every", "100")  # fmt: skip
+    one_line_error(code, err, "could not save", "(step 4)", "No space left on device",
+                   "the checkpoint of step 2 is intact")  # fmt: skip
+    assert load_checkpoint(out)["step"] == 2
+    assert leftovers(out) == []
+
+
+def test_read_only_mid_run_says_nothing_was_written(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    def read_only(path: Path, data: memoryview) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(training, "_write_file", read_only)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY, "--steps", "2")
+    one_line_error(code, err, "Read-only file system", "no checkpoint was written")
+    assert list(out.iterdir()) == []
+
+
+def test_save_interrupted_mid_write_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    trainer = small_trainer(steps=1)
+    path = tmp_path / "checkpoint.pt"
+    trainer.save(path)
+    before = path.read_bytes()
+
+    def interrupted(path: Path, data: memoryview) -> None:
+        path.write_bytes(bytes(data[:100]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_write_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(path)
+    assert path.read_bytes() == before and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signals_save_a_resumable_checkpoint(sig: str, corpus: Path, tmp_path: Path) -> None:
+    """SIGTERM (schedulers) and SIGHUP (a closed terminal) save like Ctrl-C."""
+    signum = getattr(signal, sig)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memformer_fast", "train", str(corpus), "--out", str(out), *TINY,
+         "--steps", "100000", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(b"step 3:"):
+                break
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err and b"saved step" in err, err
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] >= 3 and leftovers(out) == []
+    # Nothing lost: every completed step has its evaluation, finished or pending.
+    evaluated = [h["step"] for h in ckpt["history"]]
+    if ckpt["pending_eval"] is not None:
+        evaluated.append(ckpt["pending_eval"]["step"])
+    assert evaluated == list(range(1, ckpt["step"] + 1))
+    resumed = cli("train", str(corpus), "--out", str(out), "--resume", "--steps",
+                  str(ckpt["step"] + 1), "--no-progress", "--threads", "1")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    history = load_checkpoint(out)["history"]
+    assert [h["step"] for h in history] == list(range(1, ckpt["step"] + 2))
+
+
+# -------------------------------------------------------------------------------- divergence
+
+
+def test_divergence_saves_a_finite_checkpoint_and_advises(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = cli("train", str(corpus), "--out", str(out), *TINY, "--steps", "50", "--lr", "300",
+               "--warmup-steps", "0")  # fmt: skip
+    one_line_error(proc.returncode, proc.stderr, "training diverged", "not finite",
+                   "saved the last finite step", "lower --lr (now 300)",
+                   "--warmup-steps")  # fmt: skip
+    ckpt = load_checkpoint(out)  # finite: load_checkpoint checks every tensor
+    assert ckpt["step"] < 50
+
+
+def test_divergence_keeps_the_last_checkpoint(
+    capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", str(corpus), "--out", str(out), *TINY]
+    assert run(capsys, *args, "--steps", "2")[0] == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    code, _, err = run(capsys, *args, "--resume", "--steps", "50", "--lr", "300",
+                       "--warmup-steps", "0", "--save-every", "1000")  # fmt: skip
+    one_line_error(code, err, "training diverged", "kept the checkpoint of step 2", "--lr")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------- interrupted evaluation
+
+
+def small_trainer(steps: int) -> Trainer:
+    from memformer_fast import MemformerConfig
+    from memformer_fast.training import VOCAB_SIZE, ByteData, TrainSettings
+
+    cfg = MemformerConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
+        n_memory_slots=4, segment_length=16, architecture="decoder", backend="reference",
+        dropout=0.1,
+    )  # fmt: skip
+    settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
+                             eval_bytes=128, save_every=100)  # fmt: skip
+    return Trainer.create(cfg, ByteData.from_bytes(TEXT[:6000], 48, 0.05), settings)
+
+
+def test_ctrl_c_during_evaluation_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    reference = small_trainer(6)
+    assert reference.train(progress=False) == "done"
+
+    first = small_trainer(6)
+    real, calls = Trainer.evaluate, []
+
+    def interrupted(self: Trainer):
+        calls.append(self.step)
+        if len(calls) == 2:  # the evaluation of step 4
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupted)
+    path = tmp_path / "checkpoint.pt"
+    assert first.train(path, progress=False) == "interrupted"
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 4 and ckpt["pending_eval"]["step"] == 4
+    resumed = Trainer.resume(ckpt, first.data, resumed_settings(ckpt, {}))
+    assert resumed.train(progress=False) == "done"
+    assert resumed.history == reference.history
+    for (name, a), b in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------- checkpoint integrity
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    trainer = small_trainer(2)
+    trainer.train(folder / "checkpoint.pt", progress=False)
+    return folder / "checkpoint.pt"
+
+
+def flip_tensor_bytes(src: Path, dst: Path) -> None:
+    """Change 8 bytes inside the first tensor's data, keeping the values finite (low mantissa
+    bits of float32), as a bad disk block or bit rot would."""
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    for i in range(start, start + 8, 4):
+        raw[i] ^= 0x5A
+    dst.write_bytes(bytes(raw))
+
+
+def test_corrupted_tensor_bytes_are_refused(saved: Path, tmp_path: Path, corpus: Path) -> None:
+    bad = tmp_path / "checkpoint.pt"
+    flip_tensor_bytes(saved, bad)
+    with pytest.raises(UserError, match=r"is corrupted: tensor .* does not match its sha256"):
+        load_checkpoint(bad)
+    proc = cli("generate", str(bad), "--max-bytes", "2")
+    one_line_error(proc.returncode, proc.stderr, "is corrupted", "sha256 checksum")
+
+
+def edit(key: str, value: object) -> Callable[[dict], None]:
+    return lambda c: c.__setitem__(key, value)
+
+
+def set_in(key: str, sub: str, value: object) -> Callable[[dict], None]:
+    return lambda c: c[key].__setitem__(sub, value)
+
+
+def nan_param(c: dict) -> None:
+    c["model"]["embed.weight"][0, 0] = float("nan")
+
+
+HAND_EDITS = {
+    "memory-shape": (edit("memory", torch.zeros(2, 3)), "memory must have shape [B, 4, 32]"),
+    "memory-dtype": (lambda c: c.__setitem__("memory", c["memory"].double()),
+                     "memory must have dtype torch.float32, got torch.float64"),
+    "memory-nan": (lambda c: c["memory"].fill_(float("nan")), "memory is not finite"),
+    "rng-size": (set_in("rng", "torch", torch.zeros(5, dtype=torch.uint8)),
+                 "rng['torch'] is not a CPU generator state"),
+    "rng-dtype": (set_in("rng", "torch", torch.zeros(5)), "rng['torch'] must be a 1-D uint8"),
+    "rng-missing": (edit("rng", {}), "rng must be a dict holding the 'torch' generator state"),
+    "step-negative": (edit("step", -3), "step must be an int >= 0, got -3"),
+    "step-string": (edit("step", "7"), "step must be an int >= 0, got '7'"),
+    "step-changed": (edit("step", 5), "its fields (step, config, settings, history, ...) do not"),
+    "model-nan": (nan_param, "model/embed.weight is not finite"),
+    "model-scaled": (lambda c: c["model"]["norm.weight"].mul_(2),
+                     "tensor model/norm.weight does not match its sha256 checksum"),
+    "history": (edit("history", [{"step": 1}]), "history must be a list of dicts with keys"),
+    "config": (set_in("config", "d_model", -1), "has an invalid config"),
+    "data": (edit("data", None), "data must be a dict with int fields"),
+    "checksum": (edit("checksum", "abc"), "its checksum entry is malformed"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HAND_EDITS))
+def test_hand_edited_checkpoints_are_refused(saved: Path, tmp_path: Path, case: str) -> None:
+    change, says = HAND_EDITS[case]
+    ckpt = torch.load(saved, weights_only=True)
+    change(ckpt)
+    bad = tmp_path / "checkpoint.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(bad)
+    assert says in str(info.value) and str(bad) in str(info.value)
+
+
+def test_checkpoint_without_checksum_loads_with_a_warning(
+    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], corpus: Path
+) -> None:
+    """Checkpoints written before checksums: verified against the zip CRCs, with a warning."""
+    ckpt = torch.load(saved, weights_only=True)
+    del ckpt["checksum"], ckpt["pending_eval"]
+    old = tmp_path / "old" / "checkpoint.pt"
+    old.parent.mkdir()
+    torch.save(ckpt, old)
+    with pytest.warns(CheckpointWarning, match="has no checksum"):
+        assert load_checkpoint(old)["step"] == 2
+    code, _, err = run(capsys, "generate", str(old), "--max-bytes", "3")
+    assert code == 0 and "warning: " in err and "has no checksum" in err and "Traceback" not in err
+    corrupt = tmp_path / "old-corrupt.pt"
+    flip_tensor_bytes(old, corrupt)
+    with pytest.raises(UserError, match="fails its zip CRC check"):
+        load_checkpoint(corrupt)
