@@ -59,8 +59,8 @@ def check_attention_mask(
     """``mask`` is None or a bool SDPA mask broadcastable to ``[B, H, Lq, Lk]`` for queries ``x:
     [B, Lq, D]`` (``Lk`` defaults to ``Lq``), on ``x``'s device; else a TypeError/ValueError.
 
-    Only bool is taken: SDPA would add a float mask to the logits, so a 0/1 float mask would let
-    every position through (padding and the future included).
+    Only bool is taken: SDPA adds a float mask to the logits, so a 0/1 float mask would let every
+    position through (padding and the future included).
     """
     if mask is None:
         return
@@ -68,8 +68,8 @@ def check_attention_mask(
         raise TypeError(f"{name} must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(
-            f"{name} must be a bool tensor (True = may attend), got {mask.dtype}: a float mask "
-            "would be added to the attention logits; build one with attention_mask_2d"
+            f"{name} must be a bool tensor (True = may attend), got {mask.dtype}: SDPA would add "
+            "it to the attention logits instead of masking; build one with attention_mask_2d"
         )
     batch, length = x.shape[0], x.shape[1]
     keys = length if key_length is None else key_length

@@ -622,3 +622,25 @@ def test_mrbp_exception_mid_replay_keeps_every_grad(monkeypatch: pytest.MonkeyPa
     assert (2, True) in calls and (1, True) in calls
     _assert_state(model, before)
     assert memory.grad is None
+
+
+def test_docs_list_every_robustness_case() -> None:
+    """docs/robustness.md names every test of training runs, checkpoints, the CLI's flags,
+    dropout randomness and the stated semantics, and every case of their tables."""
+    import ast
+
+    import test_cli
+    import test_train_robustness
+
+    text = DOCS.read_text()
+    tests = pathlib.Path(__file__).resolve().parent
+    names = [
+        node.name
+        for file in ("test_train_robustness.py", "test_randomness.py", "test_semantics.py")
+        for node in ast.parse((tests / file).read_text()).body
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+    ]
+    names += [name for name in dir(test_cli) if name.startswith("test_generate_")]
+    names += [case[0] for case in test_cli.BAD_FLAGS] + list(test_train_robustness.HAND_EDITS)
+    missing = [name for name in names if f"`{name}" not in text]
+    assert not missing, f"missing from {DOCS.name}: {missing}"
