@@ -182,6 +182,7 @@ def test_save_interrupted_mid_write_leaves_no_temp_file(tmp_path: Path, monkeypa
 # ----------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signals_save_a_resumable_checkpoint(sig: str, corpus: Path, tmp_path: Path) -> None:
     """SIGTERM (schedulers) and SIGHUP (a closed terminal) save like Ctrl-C."""
