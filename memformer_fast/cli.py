@@ -352,7 +352,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     # One token at a time is too little work to split across threads: one is fastest on a CPU.
-    _set_threads(args.threads or (1 if device == "cpu" else None))
+    _set_threads(args.threads or (1 if torch.device(device).type == "cpu" else None))
     try:  # argv arrives decoded with surrogateescape: this gives back the bytes as typed
         prompt = os.fsencode(args.prompt)
     except UnicodeEncodeError as error:

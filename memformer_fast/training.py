@@ -1193,21 +1193,27 @@ def _os_reason(error: OSError) -> str:
 def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0) -> Path:
     """Make sure ``out`` is (or can be made) a folder where a checkpoint can be written, with
     about ``needed_bytes`` free: checked when a run starts, not when its first save fails.
+    Creates nothing.
 
     Raises:
         UserError: ``out`` is a file, cannot be created or written, or its disk is too full.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder: choose a folder for the checkpoint")
+    # The folder is created by the first save; until then, probe the nearest existing ancestor
+    # (a probe leaves nothing behind).
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder: choose a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
-            probe.write(b"x")
-            probe.flush()
+        if existing == out:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
+                probe.write(b"x")
+                probe.flush()
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
     except OSError as error:
         raise UserError(f"--out {out} cannot be written: {_os_reason(error)}") from None
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise UserError(
             f"--out {out} has {free / 2**20:.1f} MiB free, a checkpoint needs about "

@@ -100,6 +100,8 @@ def test_out_that_is_a_file_fails_at_start(corpus: Path, tmp_path: Path) -> None
     proc = cli("train", str(corpus), "--out", str(out), *TINY, "--steps", "2")
     one_line_error(proc.returncode, proc.stderr, "is a file, not a folder")
     assert out.read_text() == "x"
+    under = cli("train", str(corpus), "--out", str(out / "sub"), *TINY, "--steps", "2")
+    one_line_error(under.returncode, under.stderr, f"{out} is a file, not a folder")
 
 
 def test_read_only_out_fails_at_start(corpus: Path, tmp_path: Path) -> None:
@@ -108,6 +110,8 @@ def test_read_only_out_fails_at_start(corpus: Path, tmp_path: Path) -> None:
     proc = cli("train", str(corpus), "--out", str(out), *TINY, "--steps", "1000")
     one_line_error(proc.returncode, proc.stderr, "cannot be written", "choose a writable --out")
     assert b"step" not in proc.stdout  # refused before training, not at the first save
+    proc = cli("train", str(corpus), "--out", str(out / "new" / "run"), *TINY, "--steps", "1")
+    one_line_error(proc.returncode, proc.stderr, "cannot be written")
     assert time.perf_counter() - start < 60
 
 
@@ -119,6 +123,7 @@ def test_too_little_free_space_fails_at_start(
     code, out, err = run(capsys, "train", str(corpus), "--out", str(tmp_path / "o"), *TINY)
     one_line_error(code, err, "0.1 MiB free, a checkpoint needs about")
     assert "step" not in out
+    assert not (tmp_path / "o").exists()  # nothing created
 
 
 def full_disk_after(saves: int) -> Callable[[Path, memoryview], None]:
