@@ -815,8 +815,8 @@ def _invalid_field(ckpt: dict[str, Any], config: MemformerConfig) -> str | None:
         return f"data must be a dict with int fields {list(DATA_KEYS)}, got {data!r}"
     for name in ("model", "optimizer"):
         tensors = _tensors(ckpt[name], name)
-        if not isinstance(ckpt[name], dict) or not tensors:
-            return f"{name} must be a state dict of tensors"
+        if not isinstance(ckpt[name], dict) or (name == "model" and not tensors):
+            return f"{name} must be a state dict of tensors"  # (no optimizer state before step 1)
         for where, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"{where} is not finite"

@@ -392,3 +392,9 @@ def test_checkpoint_without_checksum_loads_with_a_warning(
     flip_tensor_bytes(old, corrupt)
     with pytest.raises(UserError, match="fails its zip CRC check"):
         load_checkpoint(corrupt)
+
+
+def test_checkpoint_of_step_zero_loads(tmp_path: Path) -> None:
+    """Before the first update the optimizer holds no tensor: still a valid checkpoint."""
+    small_trainer(1).save(tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path)["step"] == 0
