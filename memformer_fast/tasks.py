@@ -292,6 +292,9 @@ def run_demo(
     eval_gen = torch.Generator().manual_seed(options.seed + 1_000_003)
     stages = curriculum(T, options.steps_per_stage, options.key_copies)
     total = sum(s.steps for s in stages)
+    # Cosine decay to a tenth: at a constant 3e-3 the solved task's tiny gradients let Adam's
+    # steps drift until recall collapses late in the run (docs/memory_learning.md).
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=options.lr / 10)
     curve: dict[str, list[float]] = {"loss": [], "eval_step": [], "eval_acc": [], "stage_start": []}
     probe = {
         t: task.sample(128, t, generator=torch.Generator().manual_seed(options.seed + 7 + t))
@@ -316,6 +319,7 @@ def run_demo(
             result = mrbp.backward(model, ids.to(device), labels=labels.to(device))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            schedule.step()
             loss = float(result.loss)
             elapsed = time.perf_counter() - start
             train_seconds += elapsed
