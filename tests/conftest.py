@@ -7,9 +7,11 @@ be set before Triton is imported, so it is set here, first.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import CLI_TEXT
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,6 +29,23 @@ def _nan_filled_empty(monkeypatch: pytest.MonkeyPatch) -> None:
         return t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
+def one_thread() -> object:
+    """Tiny models: a second thread only adds contention on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small byte corpus (``testing_utils.CLI_TEXT``) in a file."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(CLI_TEXT)
+    return path
 
 
 @pytest.fixture(autouse=True)

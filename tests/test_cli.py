@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import CLI_TEXT, TINY_CLI, run
 
 from memformer_fast import Memformer, MemformerConfig, mrbp
 from memformer_fast.cli import main
@@ -29,33 +30,7 @@ from memformer_fast.training import (
     resumed_settings,
 )
 
-TEXT = "".join(
-    f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(400)
-).encode()
-TINY = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4"]
-TINY += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """These models are tiny: a second thread only adds contention on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(TEXT)
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ the recall task
@@ -176,7 +151,7 @@ def test_train_then_generate(
 ) -> None:
     out_dir = tmp_path / "run"
     code, out, err = run(
-        capsys, "train", str(corpus), "--out", str(out_dir), *TINY, "--steps", "4",
+        capsys, "train", str(corpus), "--out", str(out_dir), *TINY_CLI, "--steps", "4",
         "--eval-every", "2", "--eval-bytes", "256",
     )  # fmt: skip
     assert code == 0, err
@@ -208,7 +183,7 @@ def _trainer(steps: int, seed: int = 0) -> Trainer:
     )  # fmt: skip
     settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
                              eval_bytes=128, save_every=100, seed=seed)  # fmt: skip
-    data = ByteData.from_bytes(TEXT[:6000], 48, settings.val_fraction)
+    data = ByteData.from_bytes(CLI_TEXT[:6000], 48, settings.val_fraction)
     return Trainer.create(cfg, data, settings)
 
 
@@ -277,23 +252,23 @@ def _assert_clean_error(code: int, err: str, *fragments: str) -> None:
 def test_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path
 ) -> None:
-    code, _, err = run(capsys, "train", str(tmp_path / "missing.txt"), *TINY)
+    code, _, err = run(capsys, "train", str(tmp_path / "missing.txt"), *TINY_CLI)
     _assert_clean_error(code, err, "no such file", "missing.txt")
 
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    code, _, err = run(capsys, "train", str(empty), *TINY)
+    code, _, err = run(capsys, "train", str(empty), *TINY_CLI)
     _assert_clean_error(code, err, "empty")
 
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "data.bin").write_bytes(b"\0\1\2")
-    code, _, err = run(capsys, "train", str(folder), *TINY)
+    code, _, err = run(capsys, "train", str(folder), *TINY_CLI)
     _assert_clean_error(code, err, "no text files")
 
     small = tmp_path / "small.txt"
     small.write_bytes(b"too short")
-    code, _, err = run(capsys, "train", str(small), *TINY)
+    code, _, err = run(capsys, "train", str(small), *TINY_CLI)
     _assert_clean_error(code, err, "needs at least")
 
     bad = tmp_path / "bad.pt"
@@ -307,7 +282,7 @@ def test_errors_are_one_line(
     _assert_clean_error(code, err, "no checkpoint")
 
     out_dir = tmp_path / "run"
-    args = ["train", str(corpus), "--out", str(out_dir), *TINY, "--steps", "1"]
+    args = ["train", str(corpus), "--out", str(out_dir), *TINY_CLI, "--steps", "1"]
     assert run(capsys, *args)[0] == 0
     before = (out_dir / "checkpoint.pt").read_bytes()
     code, _, err = run(capsys, *args)  # would overwrite the run
@@ -317,7 +292,7 @@ def test_errors_are_one_line(
     code, _, err = run(capsys, *args, "--resume", "--batch-size", "8")
     _assert_clean_error(code, err, "--batch-size 4", "not 8")
     other = tmp_path / "other.txt"
-    other.write_bytes(TEXT[::-1])
+    other.write_bytes(CLI_TEXT[::-1])
     code, _, err = run(capsys, "train", str(other), "--out", str(out_dir), "--resume")
     _assert_clean_error(code, err, "other data")
     assert (out_dir / "checkpoint.pt").read_bytes() == before  # nothing lost
@@ -386,10 +361,10 @@ SUBPROCESS_FLAGS = {"train-threads-negative", "train-device-unknown", "train-see
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("generate")
-    (folder / "corpus.txt").write_bytes(TEXT)
+    (folder / "corpus.txt").write_bytes(CLI_TEXT)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    code = main(["train", str(folder / "corpus.txt"), "--out", str(folder / "run"), *TINY,
+    code = main(["train", str(folder / "corpus.txt"), "--out", str(folder / "run"), *TINY_CLI,
                  "--steps", "1"])  # fmt: skip
     torch.set_num_threads(threads)
     assert code == 0
@@ -399,7 +374,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _full_argv(argv: list[str], corpus: Path, tmp_path: Path, checkpoint: Path) -> list[str]:
     command, rest = argv[0], argv[1:]
     if command == "train":
-        model = TINY if "--architecture" not in rest else TINY + ["--segments", "1"]
+        model = TINY_CLI if "--architecture" not in rest else TINY_CLI + ["--segments", "1"]
         return ["train", str(corpus), "--out", str(tmp_path / "run"), *model, *rest]
     if command == "generate":
         return ["generate", str(checkpoint), "--max-bytes", "2", *rest]

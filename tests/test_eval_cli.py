@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import tiny_model
+from testing_utils import TINY_CLI, run, tiny_model
 
-from memformer_fast.cli import main
 from memformer_fast.training import (
     CARRIED,
     PAD,
@@ -41,16 +40,9 @@ FILES = [
     "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(8 + 5 * i)).encode()
     for i in range(12)
 ]
-TINY = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4"]
-TINY += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -183,12 +175,6 @@ def test_trainer_batches_with_file_boundaries() -> None:
 # --------------------------------------------------------------------------- the commands
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_train_and_eval_end_to_end(
     corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,13 +184,13 @@ def test_train_and_eval_end_to_end(
     common = ["--steps", "3", "--eval-every", "3", "--eval-bytes", "256", "--threads", "1"]
     proc = subprocess.run(
         [sys.executable, "-m", "memformer_fast", "train", str(corpus), "--out", str(with_memory),
-         *TINY, *common, "--reset-at-file-boundaries"],
+         *TINY_CLI, *common, "--reset-at-file-boundaries"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "memory reset at file starts" in proc.stdout
     code, out, err = run(
-        capsys, "train", str(corpus), "--out", str(baseline), *TINY, *common,
+        capsys, "train", str(corpus), "--out", str(baseline), *TINY_CLI, *common,
         "--memory-reset-every-segment",
     )  # fmt: skip
     assert code == 0, err
@@ -257,7 +243,9 @@ def test_eval_errors_are_one_line(
     code, _, err = run(capsys, "eval", str(tmp_path / "nowhere"), str(corpus))
     assert code == 2 and "no checkpoint" in err and err.count("\n") == 1
     run_dir = tmp_path / "run"
-    assert run(capsys, "train", str(corpus), "--out", str(run_dir), *TINY, "--steps", "1")[0] == 0
+    assert (
+        run(capsys, "train", str(corpus), "--out", str(run_dir), *TINY_CLI, "--steps", "1")[0] == 0
+    )
     code, _, err = run(capsys, "eval", str(run_dir), str(tmp_path / "missing.txt"))
     assert code == 2 and "no such file" in err
     code, _, err = run(capsys, "eval", str(run_dir), str(corpus), "--batch-size", "0")

@@ -40,12 +40,7 @@ ARCHS = ("decoder", "encoder-decoder")
 V, L = 23, 5  # tiny_config's vocabulary and segment length
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wrapped(

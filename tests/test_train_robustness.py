@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import CLI_TEXT, TINY_CLI, run
 
 from memformer_fast import training
-from memformer_fast.cli import main
 from memformer_fast.training import (
     CheckpointWarning,
     Trainer,
@@ -26,33 +26,11 @@ from memformer_fast.training import (
     resumed_settings,
 )
 
-TEXT = "".join(
-    f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(400)
-).encode()
-TINY = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4", "--threads", "1"]
-TINY += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
+TINY = [*TINY_CLI, "--threads", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(TEXT)
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv: str | bytes, **kwargs) -> subprocess.CompletedProcess:
@@ -264,7 +242,7 @@ def small_trainer(steps: int) -> Trainer:
     )  # fmt: skip
     settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
                              eval_bytes=128, save_every=100)  # fmt: skip
-    return Trainer.create(cfg, ByteData.from_bytes(TEXT[:6000], 48, 0.05), settings)
+    return Trainer.create(cfg, ByteData.from_bytes(CLI_TEXT[:6000], 48, 0.05), settings)
 
 
 def test_ctrl_c_during_evaluation_loses_nothing(tmp_path: Path, monkeypatch) -> None:

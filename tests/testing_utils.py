@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from memformer_fast import Memformer, MemformerConfig
+from memformer_fast.cli import main
+
+# A byte corpus for the command line's tests, and the flags of a model that trains in moments.
+CLI_TEXT = "".join(
+    f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}\n" for i in range(400)
+).encode()
+TINY_CLI = ["--d-model", "32", "--n-heads", "2", "--layers", "1", "--slots", "4"]
+TINY_CLI += ["--segment-length", "16", "--segments", "3", "--batch-size", "4", "--no-progress"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``memformer-fast ARGV`` in process: ``(exit status, stdout, stderr)``."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 # The smallest useful model: two heads of width 8, two layers each side, reference backend.
 TINY_FIELDS: dict[str, Any] = dict(
