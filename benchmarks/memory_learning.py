@@ -71,6 +71,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     step, start, above = 0, time.perf_counter(), 0
     schedule = parse_schedule(args.schedule)
     stages = [(i, n) for i, (updates, n) in enumerate(schedule) for _ in range(updates)]
+    last_stage_start = len(stages) - schedule[-1][0]
     stopped_early = False
     try:
         for stage, num_segments in stages:
@@ -91,7 +92,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             above = above + 1 if acc8 >= args.stop_at else 0
             # Reached and held on the last stage: the rest of the budget would only confirm it
             # (the last stage's first updates are what carry recall to longer rollouts).
-            into_last = step - sum(updates for updates, _ in schedule[:-1])
+            into_last = step - last_stage_start
             if stage == len(schedule) - 1 and into_last >= args.min_final and above >= 2:
                 break
     except KeyboardInterrupt:  # SIGTERM too (see main): the run so far is still a result
