@@ -59,12 +59,38 @@ def is_view(func: torch._ops.OpOverload) -> bool:
 
 class OpCounter(TorchDispatchMode):
     """Counts every non-view ATen operator dispatched in its body, by name (``aten.mm``), and the
-    device-to-host syncs among them (:data:`SYNC_OPS`, plus copies from a device to the CPU)."""
+    device-to-host syncs among them (:data:`SYNC_OPS`, plus copies from a device to the CPU).
+
+    ``Tensor.tolist()`` and ``Tensor.numpy()`` of a CPU tensor read its memory without dispatching
+    anything (on a device they dispatch a copy to the CPU, counted as such): they are counted as
+    syncs under their own names, since the same code on a GPU would wait there.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.syncs: collections.Counter[str] = collections.Counter()
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> OpCounter:
+        for name in ("tolist", "numpy"):
+            original = self._saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._host_read(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
+
+    def _host_read(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if tensor.device.type == "cpu":  # a sync, though no ATen operator
+                self.syncs[f"Tensor.{name}"] += 1
+            return original(tensor, *args, **kwargs)
+
+        return read
 
     def __torch_dispatch__(
         self,
