@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import functional
 from .randomness import Dropout
@@ -151,6 +152,42 @@ def attention_mask_2d(
     return seen & torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
+# Additive SDPA masks derived from bool masks, per mask tensor: every block of a segment gets the
+# same mask object, so it is converted once per segment, not once per attention layer.
+_ADDITIVE_MASKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype, context: bool = False) -> Tensor:
+    """The float mask SDPA would make of ``mask`` (0 where True, -inf where False), in ``dtype``.
+
+    ``mask``: a bool ``[B | 1, 1, Lq, Lk]`` attention mask, or with ``context`` a ``[B, Lk]`` key
+    mask of a cross-attention, where a row with no real key attends to all of them (no row of
+    -inf, no NaN) -> ``[B, 1, 1, Lk]``. Cached per mask tensor, its version (an in-place change
+    rebuilds it) and ``dtype``; built inline under ``torch.compile``. Passing SDPA the float mask
+    is bit-identical to passing the bool one, which it converts the same way.
+    """
+    compiling = torch.compiler.is_compiling()
+    key = (dtype, context)
+    entries = None if compiling else _ADDITIVE_MASKS.get(mask)
+    if entries is not None and key in entries:
+        version, additive = entries[key]
+        if version == mask._version and not (
+            additive.is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            return additive
+    allowed = mask
+    if context:
+        allowed = mask[:, None, None, :] | ~mask.any(-1)[:, None, None, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+    if not compiling:
+        if entries is None:
+            entries = _ADDITIVE_MASKS[mask] = {}
+        entries[key] = (mask._version, additive)
+    return additive
+
+
 class KVCache:
     """Keys and values ``[B, H, T, Dh]`` of one attention layer, for token-by-token decoding.
 
@@ -252,8 +289,9 @@ class RotarySelfAttention(nn.Module):
                 n = x.shape[1]
                 mask = torch.ones(n, offset + n, dtype=torch.bool, device=x.device).tril(offset)
                 is_causal = False
+        bias = None if mask is None else _additive_mask(mask, q.dtype)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None
+            q, k, v, attn_mask=bias, is_causal=is_causal and mask is None
         )
         return self.out(o.transpose(1, 2).flatten(2))
 
@@ -294,10 +332,10 @@ class CrossAttention(nn.Module):
             )
             if cache is not None:
                 cache.append(k, v)
-        mask = None
+        bias = None
         if context_mask is not None:  # a batch row with no real context token attends to all of it
-            mask = context_mask[:, None, None, :] | ~context_mask.any(-1)[:, None, None, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            bias = _additive_mask(context_mask, q.dtype, context=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(o.transpose(1, 2).flatten(2))
 
 

@@ -281,3 +281,51 @@ def test_rotary_is_the_rotate_half_formula():
     x = torch.randn(1, 4, 16, requires_grad=True)
     fresh(x, None).sum().backward()  # a table built under inference_mode is not saved for backward
     assert x.grad is not None
+
+
+def test_attention_masks_are_converted_once_per_mask_and_follow_in_place_changes():
+    """Self- and cross-attention give SDPA the float mask it would make of the bool one (bit for
+    bit), converted once per mask tensor and dtype, rebuilt when the mask is written in place,
+    and never a table made under inference_mode where autograd needs it."""
+    from memformer_fast.layers import (
+        CrossAttention,
+        RotarySelfAttention,
+        _additive_mask,
+        attention_mask_2d,
+    )
+
+    torch.manual_seed(0)
+    cross, attn = CrossAttention(16, 2), RotarySelfAttention(16, 2)
+    x, context = torch.randn(3, 4, 16), torch.randn(3, 6, 16)
+    context_mask = torch.tensor([[True] * 6, [True, True, False, False, False, False], [False] * 6])
+
+    def expected_cross(mask: torch.Tensor) -> torch.Tensor:  # the bool mask, as SDPA takes it
+        q = cross.q(x).unflatten(-1, (2, -1)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in cross.kv(context).chunk(2, -1))
+        allowed = mask[:, None, None, :] | ~mask.any(-1)[:, None, None, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return cross.out(o.transpose(1, 2).flatten(2))
+
+    first = cross(x, context, context_mask)
+    assert torch.equal(first, expected_cross(context_mask))  # row 2 (no real key) sees all
+    assert _additive_mask(context_mask, torch.float32, context=True) is _additive_mask(
+        context_mask, torch.float32, context=True
+    )
+    context_mask[0, 3:] = False  # written in place: the cached conversion is stale
+    assert torch.equal(cross(x, context, context_mask), expected_cross(context_mask.clone()))
+    assert not torch.equal(cross(x, context, context_mask), first)
+
+    mask = attention_mask_2d(context_mask[:, :4], 4, causal=False, device=x.device)
+    with torch.inference_mode():
+        attn(x, mask)  # converts (and caches) under inference_mode
+    h = x.clone().requires_grad_()
+    out = attn(h, mask)
+    out.sum().backward()  # the cached inference tensor is not what autograd saved
+    assert h.grad is not None and torch.equal(out, attn(x, mask.clone()))  # cached = fresh
+    q, k, v = torch.randn(3, 3, 2, 4, 8).unbind(0)
+    for causal in (False, True):
+        mask = attention_mask_2d(context_mask[:, :4], 4, causal, x.device)
+        assert torch.equal(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(mask, q.dtype)),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        )
