@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import functional
 from .randomness import Dropout
@@ -20,14 +21,41 @@ def _split_heads(x: Tensor, n_heads: int) -> Tensor:
     return x.unflatten(-1, (n_heads, -1))
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of ``x: [B, L, H, Dh]`` with ``cos, sin: [L, 1, Dh // 2]``.
+def _swap_halves(x: Tensor) -> Tensor:
+    """``x: [..., Dh]`` with its two rotary halves swapped, ``[x2, x1, rest]``, in one operator
+    (an odd ``Dh`` leaves a last feature ``rest``)."""
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    if head_dim % 2 == 0:  # the flip of a view, whose backward is one flip too
+        return x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return torch.cat([x[..., half : 2 * half], x[..., :half], x[..., 2 * half :]], -1)
 
-    An odd head dimension leaves its last feature unrotated.
+
+def rotary_tables(
+    inv_freq: Tensor, head_dim: int, positions: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Rotary tables ``(cos, sin) [P, head_dim]`` for the positions ``[P]`` (float32), such that
+    :func:`apply_rotary` is ``[x1 cos - x2 sin, x2 cos + x1 sin, rest]``.
+
+    ``inv_freq: [head_dim // 2]``; ``cos = [c, c, 1]`` and ``sin = [-s, s, 0]`` along the head
+    dimension (an odd ``head_dim`` leaves its last feature unrotated), computed in float32 and
+    rounded to ``dtype`` once.
     """
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    angles = positions[:, None] * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    rest = head_dim - 2 * inv_freq.shape[0]
+    ones, zeros = cos.new_ones(cos.shape[0], rest), cos.new_zeros(cos.shape[0], rest)
+    return torch.cat([cos, cos, ones], -1).to(dtype), torch.cat([-sin, sin, zeros], -1).to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x: [..., Dh]`` with tables from :func:`rotary_tables`
+    broadcastable to ``x``: four operators forward and four backward, whatever the layout.
+
+    Exactly ``x1 * cos - x2 * sin`` (and ``x2 * cos + x1 * sin``): the table holds ``-sin``, and
+    ``a + b * (-s)`` rounds as ``a - b * s``.
+    """
+    return x * cos + _swap_halves(x) * sin
 
 
 def check_states(name: str, t: object, width: int, meaning: str) -> Tensor:
@@ -118,11 +146,46 @@ def attention_mask_2d(
     """
     if key_mask is None:  # nothing to mask, or causal alone: SDPA's is_causal does it
         return None
-    allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
-    if causal:
-        allowed = allowed.tril()
-    eye = torch.eye(length, dtype=torch.bool, device=device)
-    return allowed & (key_mask[:, None, None, :] | eye)
+    seen = key_mask[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=device)
+    if not causal:
+        return seen
+    return seen & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+# Additive SDPA masks derived from bool masks, per mask tensor: every block of a segment gets the
+# same mask object, so it is converted once per segment, not once per attention layer.
+_ADDITIVE_MASKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype, context: bool = False) -> Tensor:
+    """The float mask SDPA would make of ``mask`` (0 where True, -inf where False), in ``dtype``.
+
+    ``mask``: a bool ``[B | 1, 1, Lq, Lk]`` attention mask, or with ``context`` a ``[B, Lk]`` key
+    mask of a cross-attention, where a row with no real key attends to all of them (no row of
+    -inf, no NaN) -> ``[B, 1, 1, Lk]``. Cached per mask tensor, its version (an in-place change
+    rebuilds it) and ``dtype``; built inline under ``torch.compile``. Passing SDPA the float mask
+    is bit-identical to passing the bool one, which it converts the same way.
+    """
+    compiling = torch.compiler.is_compiling()
+    key = (dtype, context)
+    entries = None if compiling else _ADDITIVE_MASKS.get(mask)
+    if entries is not None and key in entries:
+        version, additive = entries[key]
+        if version == mask._version and not (
+            additive.is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            return additive
+    allowed = mask
+    if context:
+        allowed = mask[:, None, None, :] | ~mask.any(-1)[:, None, None, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+    if not compiling:
+        if entries is None:
+            entries = _ADDITIVE_MASKS[mask] = {}
+        entries[key] = (mask._version, additive)
+    return additive
 
 
 class KVCache:
@@ -166,6 +229,41 @@ class RotarySelfAttention(nn.Module):
         rotary_dim = head_dim - head_dim % 2
         inv_freq = rope_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (inv_freq, (its version, dtype), cos, sin): the tables of _rotary_tables.
+        self._tables: tuple[Tensor, tuple[int, torch.dtype], Tensor, Tensor] | None = None
+
+    def _rotary_tables(self, offset: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, sin) [length, 3, 1, Dh]`` for positions ``offset ..`` of the ``[B, L, 3, H,
+        Dh]`` projections: queries and keys rotate, values pass (cos 1, sin 0).
+
+        Cached between calls, and rebuilt when ``inv_freq`` is replaced or written (``to()``, a
+        checkpoint loader), the dtype changes, more positions are needed, or a table made under
+        ``inference_mode`` would meet autograd. Built inline under ``torch.compile``.
+        """
+        needed = offset + length
+        source = self.inv_freq
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self._tables
+        if cached is not None and (
+            cached[0] is not source  # replaced, by to() or a loader
+            or cached[1] != (source._version, dtype)  # written in place, or another dtype
+            or cached[2].shape[0] < needed
+            or (cached[2].is_inference() and not torch.is_inference_mode_enabled())
+        ):
+            cached = None
+        if cached is None:
+            head_dim = self.qkv.in_features // self.n_heads
+            # Whole powers of two (at least 64 positions): token-by-token decoding rebuilds the
+            # tables a few times per segment length, not at every token.
+            size = needed if compiling else max(64, 1 << (needed - 1).bit_length())
+            positions = torch.arange(size, device=source.device, dtype=torch.float32)
+            cos, sin = rotary_tables(source, head_dim, positions, dtype)
+            cos = torch.stack([cos, cos, torch.ones_like(cos)], 1)[:, :, None]
+            sin = torch.stack([sin, sin, torch.zeros_like(sin)], 1)[:, :, None]
+            cached = (source, (source._version, dtype), cos, sin)
+            if not compiling:
+                self._tables = cached
+        return cached[2][offset:needed], cached[3][offset:needed]
 
     def forward(
         self,
@@ -179,23 +277,21 @@ class RotarySelfAttention(nn.Module):
         check_states("x", x, self.qkv.in_features, "[B, L, D] hidden states")
         check_attention_mask("mask", mask, x, self.n_heads)
         offset = 0 if cache is None else len(cache)
-        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq
-        cos, sin = angles.cos()[:, None, :].to(q.dtype), angles.sin()[:, None, :].to(q.dtype)
-        q, k, v = (
-            _rotate(q, cos, sin).transpose(1, 2),
-            _rotate(k, cos, sin).transpose(1, 2),
-            v.transpose(1, 2),
-        )
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # [B, L, 3, H, Dh]
+        cos, sin = self._rotary_tables(offset, x.shape[1], qkv.dtype)
+        # One rotation over the three projections (values pass unchanged) and no split before
+        # it: its backward is a handful of operators, not one per half of q and k. Unbinding
+        # before transposing makes the backward stack the gradients contiguously (no copy).
+        q, k, v = (t.transpose(1, 2) for t in apply_rotary(qkv, cos, sin).unbind(2))
         if cache is not None:
             k, v = cache.append(k, v)
             if offset > 0:  # new queries see every cached position and the new ones causally
                 n = x.shape[1]
                 mask = torch.ones(n, offset + n, dtype=torch.bool, device=x.device).tril(offset)
                 is_causal = False
+        bias = None if mask is None else _additive_mask(mask, q.dtype)
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None
+            q, k, v, attn_mask=bias, is_causal=is_causal and mask is None
         )
         return self.out(o.transpose(1, 2).flatten(2))
 
@@ -236,10 +332,10 @@ class CrossAttention(nn.Module):
             )
             if cache is not None:
                 cache.append(k, v)
-        mask = None
+        bias = None
         if context_mask is not None:  # a batch row with no real context token attends to all of it
-            mask = context_mask[:, None, None, :] | ~context_mask.any(-1)[:, None, None, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            bias = _additive_mask(context_mask, q.dtype, context=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(o.transpose(1, 2).flatten(2))
 
 

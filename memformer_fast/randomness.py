@@ -76,11 +76,9 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[torch.Generator |
 
 
 def _draw_keep_mask(x: Tensor, p: float) -> Tensor:
-    """0/1 in ``x``'s shape, dtype and device, 1 with probability ``1 - p``, drawn from the
-    active generator (the global one when none is active)."""
-    return torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(
-        1.0 - p, generator=_ACTIVE.get()
-    )
+    """0/1 in ``x``'s shape, dtype and device (contiguous), 1 with probability ``1 - p``, drawn from
+    the active generator (the global one when none is active): one operator."""
+    return torch.bernoulli(x, 1.0 - p, generator=_ACTIVE.get())
 
 
 # Under torch.compile the draw is an opaque op (Dynamo cannot trace a generator or a context
@@ -100,11 +98,19 @@ def _(x: Tensor, p: float) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+# Where ``x * (keep * scale)`` rounds exactly as ``x * keep * scale``: the scale is the same float
+# in the mask as in a scalar multiplication. Half precision multiplies by a Python scalar in float32
+# (opmath) but would round a scale stored in the mask to its own precision (1/0.9 -> 1.109375 in
+# bfloat16, a biased dropout), so it keeps the separate pass.
+_SCALE_IN_MASK = (torch.float32, torch.float64)
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout`` whose mask comes from the generator of the enclosing :func:`seeded` call.
 
     ``x``: any shape. Zeroes each element with probability ``p`` and scales the rest by
-    ``1 / (1 - p)``; the identity when not ``training`` or ``p == 0``.
+    ``1 / (1 - p)``; the identity when not ``training`` or ``p == 0``. In float32 and float64 the
+    scale is folded into the mask, so ``x`` is read once forward and the gradient once backward.
     """
     if not training or p == 0.0:
         return x
@@ -112,6 +118,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         keep = _keep_mask_op(x.detach(), p)
     else:
         keep = _draw_keep_mask(x.detach(), p)
+    if x.dtype in _SCALE_IN_MASK:
+        return x * keep.mul_(1.0 / (1.0 - p))
     return x * keep * (1.0 / (1.0 - p))
 
 

@@ -3,14 +3,21 @@
 All the work (storage, copies, streams and events, argument checks) happens in C++ (``csrc/``);
 this module loads the extension, refuses a missing or stale build with an ``ImportError`` that says
 how to rebuild, and gives the class its documented, typed Python signature.
+
+Offload storage (pinned host memory on a CUDA machine, where allocating it costs about a
+millisecond per megabyte and a device-wide synchronisation) is reused: a buffer that is closed or
+dropped hands its storage to :data:`offload_cache`, and the next offload buffer of the same
+capacity, shape, dtype and device takes it instead of allocating. See :class:`OffloadCache`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import numbers
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -71,6 +78,91 @@ def load_extension() -> ModuleType:
     return _C
 
 
+_Key = tuple[int, tuple[int, ...], torch.dtype, torch.device]
+
+
+def _allocate(
+    capacity: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, offload: bool
+) -> Any:
+    """A new ``_C.ReplayBuffer``: where its storage (pinned with offload on CUDA) is allocated."""
+    return load_extension().ReplayBuffer(capacity, shape, dtype, device, offload)
+
+
+class OffloadCache:
+    """The storage of one idle offload replay buffer, kept for the next buffer that fits.
+
+    ``mrbp.backward(..., offload=True)`` makes a :class:`ReplayBuffer` per call; allocating its
+    pinned host memory every time would cost more than the copies it serves. A closed (or dropped)
+    offload buffer is cleared and parked here; a new offload buffer of the same capacity, shape,
+    dtype and device takes it, so a training loop allocates once. A buffer of another
+    configuration frees the parked storage before allocating its own (the memory is never held
+    twice). Parked storage is empty: nothing of the previous owner's states is reachable, and the
+    C++ storage orders its copies with events, so the next owner's pushes wait for any still in
+    flight.
+
+    The reuse logic is the same on every device; only what is saved differs: pinned host memory,
+    its CUDA side stream, events and device staging slots on a CUDA machine, plain host memory on
+    a CPU-only one. Thread-safe: a storage is owned by one buffer at a time.
+
+    ``allocations`` and ``reuses`` count offload buffers made with new storage and with parked
+    storage, since the process started.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: a buffer collected (and parked) while this thread holds the lock is fine.
+        self._lock = threading.RLock()
+        self._parked: tuple[_Key, Any] | None = None
+        self.allocations = 0
+        self.reuses = 0
+
+    def take(self, key: _Key) -> Any:
+        """Storage for a new offload buffer of configuration ``key`` (parked or new)."""
+        with self._lock:
+            parked, self._parked = self._parked, None
+            if parked is not None and parked[0] == key:
+                self.reuses += 1
+                return parked[1]
+        del parked  # another configuration: free it before allocating the new one
+        impl = _allocate(*key, True)
+        with self._lock:
+            self.allocations += 1
+        return impl
+
+    def park(self, impl: Any) -> None:
+        """Keep ``impl`` (an empty ``_C.ReplayBuffer`` with offload) for the next buffer of its
+        configuration; the storage parked before, if any, is freed."""
+        key: _Key = (impl.capacity, tuple(impl.shape), impl.dtype, impl.device)
+        with self._lock:
+            previous, self._parked = self._parked, (key, impl)
+        del previous  # freed outside the lock: a CUDA storage synchronises its streams
+
+    def nbytes(self) -> int:
+        """Host bytes held by the parked storage (0 when none)."""
+        with self._lock:
+            return 0 if self._parked is None else self._parked[1].nbytes("host")
+
+    def release(self) -> int:
+        """Free the parked storage now (pinned memory goes back to the system); returns the host
+        bytes freed. The next offload buffer allocates again."""
+        with self._lock:
+            parked, self._parked = self._parked, None
+        freed = 0 if parked is None else int(parked[1].nbytes("host"))
+        del parked
+        return freed
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """``cuda`` without an index is the current CUDA device, as the extension resolves it: a
+    storage parked for one device is never handed to a buffer meant for another."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+offload_cache = OffloadCache()
+"""The process's :class:`OffloadCache`; ``offload_cache.release()`` frees what it holds."""
+
+
 class ReplayBuffer:
     """Preallocated storage for ``capacity`` memory states of one shape and dtype.
 
@@ -92,7 +184,7 @@ class ReplayBuffer:
         ValueError: a non-positive capacity or size in ``shape``, or an unsupported device.
     """
 
-    __slots__ = ("_impl",)
+    __slots__ = ("_impl", "_misses_before")
 
     def __init__(
         self,
@@ -111,9 +203,37 @@ class ReplayBuffer:
             raise TypeError(
                 f"ReplayBuffer: offload must be a bool, got {type(offload).__name__} {offload!r}"
             )
-        self._impl = load_extension().ReplayBuffer(
-            int(capacity), tuple(shape), dtype, torch.device(device), offload
-        )
+        key: _Key = (int(capacity), tuple(shape), dtype, _resolved(torch.device(device)))
+        self._impl: Any = offload_cache.take(key) if offload else _allocate(*key, False)
+        self._misses_before = self._impl.fetch_misses  # a reused storage has counted before
+
+    def close(self) -> None:
+        """Empty the buffer and give up its storage: an offload buffer's goes to
+        :data:`offload_cache` for reuse, any other's is freed. Any later use raises a
+        ``RuntimeError``; closing twice does nothing. Dropping the buffer closes it."""
+        impl, self._impl = self._impl, None
+        if impl is None:
+            return
+        impl.clear()
+        if impl.offload:
+            offload_cache.park(impl)
+
+    def __del__(self) -> None:
+        # A failed __init__ left no storage; at interpreter shutdown the cache may be gone.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> ReplayBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _live(self) -> Any:
+        if self._impl is None:
+            raise RuntimeError("ReplayBuffer: the buffer was closed")
+        return self._impl
 
     def push(self, state: Tensor, rng_seed: int = 0) -> int:
         """Copy ``state`` (any strides) into the next entry with its seed; returns its index.
@@ -125,7 +245,7 @@ class ReplayBuffer:
             ValueError: ``state`` has another shape or lives on another device.
             IndexError: the buffer is full.
         """
-        return self._impl.push(state, rng_seed)
+        return self._live.push(state, rng_seed)
 
     def get(self, index: int) -> Tensor:
         """Entry ``index`` as a new tensor on ``device``, ready on the caller's current stream.
@@ -135,32 +255,34 @@ class ReplayBuffer:
         Raises:
             IndexError: ``index`` is not in ``[0, len(self))``.
         """
-        return self._impl.get(index)
+        return self._live.get(index)
 
     def rng_seed(self, index: int) -> int:
         """The seed pushed with entry ``index``."""
-        return self._impl.rng_seed(index)
+        return self._live.rng_seed(index)
 
     def prefetch(self, index: int) -> None:
         """Start copying entry ``index`` to the device (offload); else only check the index."""
-        self._impl.prefetch(index)
+        self._live.prefetch(index)
 
     def pop(self) -> Tensor:
         """Remove the last entry and return it as :meth:`get` would."""
-        return self._impl.pop()
+        return self._live.pop()
 
     def clear(self) -> None:
         """Remove every entry (the storage stays allocated for reuse)."""
-        self._impl.clear()
+        self._live.clear()
 
     def nbytes(self, where: str = "device") -> int:
         """Bytes held in ``"device"`` or ``"host"`` memory."""
-        return self._impl.nbytes(where)
+        return self._live.nbytes(where)
 
     def __len__(self) -> int:
-        return len(self._impl)
+        return len(self._live)
 
     def __repr__(self) -> str:
+        if self._impl is None:
+            return "ReplayBuffer(closed)"
         return (
             f"ReplayBuffer(len={len(self)}, capacity={self.capacity}, shape={self.shape}, "
             f"dtype={self.dtype}, device={self.device}, offload={self.offload})"
@@ -168,30 +290,30 @@ class ReplayBuffer:
 
     @property
     def capacity(self) -> int:
-        return self._impl.capacity
+        return self._live.capacity
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._impl.shape
+        return self._live.shape
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._impl.dtype
+        return self._live.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._impl.device
+        return self._live.device
 
     @property
     def offload(self) -> bool:
-        return self._impl.offload
+        return self._live.offload
 
     @property
     def fetch_misses(self) -> int:
         """With offload on CUDA: reads whose entry had not been prefetched, so they waited for
         its host-to-device copy (0 otherwise). MRBP's get(t) / prefetch(t - 1) walk makes none
         after the first read."""
-        return self._impl.fetch_misses
+        return self._live.fetch_misses - self._misses_before
 
 
 def build_info() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -404,6 +405,111 @@ def test_mrbp_with_offload_equals_bptt():
     assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5
 
 
+# Offload storage reused across buffers (issue 17) -------------------------------------------------
+
+
+@pytest.fixture
+def allocations(monkeypatch) -> list[tuple]:
+    """The configuration of every ``_C.ReplayBuffer`` allocated during the test (offload or not),
+    starting from an empty offload cache."""
+    made: list[tuple] = []
+    allocate = replay._allocate
+
+    def counting(*args):
+        impl = allocate(*args)
+        made.append(args)
+        return impl
+
+    monkeypatch.setattr(replay, "_allocate", counting)
+    gc.collect()  # buffers of earlier tests left in reference cycles would park when collected
+    replay.offload_cache.release()
+    yield made
+    replay.offload_cache.release()
+
+
+def offloaded(made: list[tuple]) -> list[tuple]:
+    return [args[:4] for args in made if args[4]]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_MARKS)])
+def test_offload_storage_is_allocated_once_across_mrbp_calls(device, allocations):
+    """Several ``mrbp.backward(..., offload=True)`` calls of one shape allocate the host storage
+    once; another shape frees it and allocates once more; ``release()`` frees it on request. The
+    gradients are those of the non-offload path every time."""
+    model = tiny_training_model("encoder-decoder", device)
+    ids = torch.randint(0, 29, (2, 5 * 4), generator=torch.Generator().manual_seed(0)).to(device)
+    _, expected = mrbp_gradients(model, ids, offload=False)
+    stats = (replay.offload_cache.allocations, replay.offload_cache.reuses)
+    for _ in range(3):
+        _, actual = mrbp_gradients(model, ids, offload=True)
+        assert all(torch.equal(actual[n], expected[n]) for n in expected)
+    config = (4, (2, 4, 16), torch.float32, _resolved(device))
+    assert offloaded(allocations) == [config]
+    assert replay.offload_cache.allocations - stats[0] == 1
+    assert replay.offload_cache.reuses - stats[1] == 2
+    parked = replay.offload_cache.nbytes()
+    assert parked == 4 * 2 * 4 * 16 * 4  # capacity x batch x slots x width x float32
+
+    wider = ids.repeat(2, 1)  # batch 4: another state shape
+    mrbp_gradients(model, wider, offload=True)
+    mrbp_gradients(model, wider, offload=True)
+    assert offloaded(allocations) == [config, (4, (4, 4, 16), torch.float32, config[3])]
+    assert replay.offload_cache.nbytes() == 2 * parked  # the batch-2 storage was freed
+
+    assert replay.offload_cache.release() == 2 * parked
+    assert replay.offload_cache.nbytes() == 0 and replay.offload_cache.release() == 0
+    _, actual = mrbp_gradients(model, ids, offload=True)
+    assert len(offloaded(allocations)) == 3
+    assert all(torch.equal(actual[n], expected[n]) for n in expected)
+
+
+def _resolved(device: str) -> torch.device:
+    return replay._resolved(torch.device(device))
+
+
+def test_a_failed_mrbp_call_leaves_the_reused_storage_valid(allocations):
+    """A call that fails after filling the buffer (a non-finite loss, found after the replay)
+    still hands back a cleared storage: the next call reuses it and gets the right gradients."""
+    model = tiny_training_model("encoder-decoder", "cpu")
+    ids = torch.randint(0, 29, (2, 5 * 4), generator=torch.Generator().manual_seed(0))
+    _, expected = mrbp_gradients(model, ids, offload=True)
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="loss of segment"):
+        mrbp_gradients(model, ids, offload=True)
+    gc.collect()  # the traceback's frames held the failed call's buffer
+    with torch.no_grad():
+        model.lm_head.weight.copy_(saved)
+    _, actual = mrbp_gradients(model, ids, offload=True)
+    assert len(offloaded(allocations)) == 1
+    assert all(torch.equal(actual[n], expected[n]) for n in expected)
+
+
+def test_closed_buffers_park_their_storage_empty(allocations):
+    states = random_states(3, torch.float32, "cpu")
+    with filled(states, "cpu", offload=True) as first:
+        with pytest.raises(ValueError, match="shape"):
+            first.push(torch.zeros(2, 2))  # a failed push: nothing changed
+        assert len(first) == 3
+    assert repr(first) == "ReplayBuffer(closed)"
+    for use in (lambda: len(first), lambda: first.get(0), lambda: first.push(states[0])):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
+    first.close()  # twice: nothing happens
+    second = ReplayBuffer(3, SHAPE, torch.float32, "cpu", offload=True)
+    assert len(second) == 0 and len(offloaded(allocations)) == 1  # the same storage, emptied
+    with pytest.raises(IndexError, match="out of range"):
+        second.get(0)
+    second.push(states[2], rng_seed=7)
+    assert torch.equal(second.get(0), states[2]) and second.rng_seed(0) == 7
+    other = ReplayBuffer(2, SHAPE, torch.float32, "cpu", offload=True)  # another capacity
+    plain = ReplayBuffer(3, SHAPE, torch.float32, "cpu")  # not offloaded: never cached
+    del second, other, plain
+    assert len(offloaded(allocations)) == 2 and len(allocations) == 3
+    assert replay.offload_cache.nbytes() == 2 * state_bytes(torch.float32)  # the last one parked
+
+
 # CUDA: streams, device memory, offload against no offload ----------------------------------------
 
 
@@ -447,6 +553,7 @@ class TestCuda:
     @staticmethod
     def peak_device_bytes(num: int, offload: bool, shape=(4, 32, 256)) -> int:
         """Peak device memory of pushing ``num`` states and walking them back as MRBP does."""
+        replay.offload_cache.release()  # a parked storage's staging slots would count in `base`
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
