@@ -397,7 +397,7 @@ class MemoryWriter(nn.Module):
         backend: str = "auto",
         eps: float = 1e-5,
         bias_init_norm: float = 0.1,
-        gate_bias_init: float = -2.0,
+        gate_bias_init: float = 0.0,
     ) -> None:
         super().__init__()
         self.n_heads, self.temperature, self.backend = n_heads, temperature, backend
@@ -412,7 +412,7 @@ class MemoryWriter(nn.Module):
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
-        """Small-norm memory bias and a closed-leaning gate: the defaults that let memory learn."""
+        """Small-norm memory bias and the gate bias (``gate_bias_init``; 0: half open)."""
         with torch.no_grad():
             nn.init.normal_(self.bias)
             self.bias.mul_(self.bias_init_norm / self.bias.norm(dim=-1, keepdim=True))
