@@ -384,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import functional, replay
+    from . import backends, replay
 
     try:
         import triton
@@ -409,17 +409,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(("cuda runtime", str(torch.version.cuda)))
     else:
         rows.append(("cuda", "not available"))
-    triton_ok = functional.triton_available()
+    triton_ok = backends.triton_available()
     kernels = (
         "available (CUDA)"
         if triton_ok and torch.cuda.is_available()
         else "available (CPU interpreter, TRITON_INTERPRET=1)"
-        if triton_ok and functional.interpreter_enabled()
+        if triton_ok and backends.interpreter_enabled()
         else "installed; needs CUDA (or TRITON_INTERPRET=1)"
         if triton_ok
         else "not available (pip install triton)"
     )
-    auto = functional.resolve_backend("auto", torch.device(_device("auto")))
+    auto = backends.resolve_backend("auto", torch.device(_device("auto")))
     rows += [
         ("backend reference", "available"),
         ("backend triton", kernels),

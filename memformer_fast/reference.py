@@ -14,6 +14,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .backends import accumulation_dtype
+
 F = TypeVar("F", bound=Callable[..., object])
 
 
@@ -26,11 +28,6 @@ def no_autocast(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @no_autocast

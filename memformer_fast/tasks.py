@@ -380,7 +380,7 @@ def run_demo(
 
 
 def _backend_name(model: Memformer) -> str:
-    from .functional import resolve_backend
+    from .backends import resolve_backend
 
     return resolve_backend(model.config.backend, model.device)
 
