@@ -25,6 +25,9 @@ from typing import Any, NoReturn
 import torch
 
 from . import __version__
+from .config import ARCHITECTURES, BACKENDS
+from .presets import preset
+from .tasks import SIZES
 from .training import CHECKPOINT_NAME, CheckpointWarning, UserError
 
 PROG = "memformer-fast"
@@ -136,8 +139,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         measure_memory=not args.no_memory_probe,
         out_dir=args.out,
     )
-    if options.num_segments < 2:
-        raise UserError(f"--segments must be >= 2, got {options.num_segments}")
     print(
         f"{PROG} demo: train a Memformer with MRBP to recall a key across "
         f"{options.num_segments} segments (seed {args.seed}, {device})",
@@ -153,17 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- train
 
 # The model of a new `train` run, as MemformerConfig fields; d_ff defaults to 4 * d_model.
-DEFAULT_MODEL: dict[str, Any] = dict(
-    architecture="decoder",
-    d_model=128,
-    n_heads=4,
-    n_decoder_layers=4,
-    n_encoder_layers=4,
-    n_memory_slots=16,
-    segment_length=64,
-    dropout=0.0,
-    backend="auto",
-)
+DEFAULT_MODEL: dict[str, Any] = preset("byte-lm")
 # Model flags -> config fields. Their argparse default is None ("not given"), so a resumed run can
 # tell a conflicting flag from a default.
 MODEL_FLAGS = {
@@ -331,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "checkpoint": ckpt["path"],
         "step": int(ckpt["step"]),
         "parameters": n_params,
-        "config": {k: v for k, v in vars(c).items() if k != "memory_dtype"},
+        "config": c.to_dict(),
         "text": [str(p) for p in args.text],
         "seconds": round(time.perf_counter() - start, 1),
         **report,
@@ -478,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--size",
-        choices=("small", "large"),
+        choices=tuple(SIZES),
         default="small",
         help="small: 16 segments, about two minutes on 2 CPU cores; large: a wider, deeper "
         "model on 32 segments of 32 tokens (a GPU is advised)",
@@ -502,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    demo.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    demo.add_argument("--backend", choices=BACKENDS, default="auto")
     demo.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 for --size small)")
     demo.add_argument("--out", default="runs/demo", help="folder for the plot and report.json")
     demo.add_argument(
@@ -526,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/train", help="folder of checkpoint.pt")
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     g = train.add_argument_group("model (fixed once a run has started)")
-    g.add_argument("--architecture", choices=("decoder", "encoder-decoder"))
+    g.add_argument("--architecture", choices=ARCHITECTURES)
     g.add_argument("--d-model", type=POSITIVE, help=f"width (default {DEFAULT_MODEL['d_model']})")
     g.add_argument("--n-heads", type=POSITIVE, help=f"default {DEFAULT_MODEL['n_heads']}")
     g.add_argument(
@@ -542,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bytes per segment (default {DEFAULT_MODEL['segment_length']})",
     )
     g.add_argument("--dropout", type=_non_negative_float, help="default 0")
-    g.add_argument("--backend", choices=("auto", "reference", "triton"))
+    g.add_argument("--backend", choices=BACKENDS)
     t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
     t.add_argument("--batch-size", type=POSITIVE, help="parallel streams (default 8)")
     t.add_argument("--segments", type=POSITIVE, help="segments per MRBP rollout (default 4)")

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import mrbp
 from .config import MemformerConfig
 from .model import IGNORE_INDEX, Memformer
+from .presets import preset
 
 QUERY_TOKEN = 1  # token 0 is the model's BOS and never appears in a sequence
 MARKER_TOKEN = 2
@@ -176,15 +177,11 @@ def curriculum(num_segments: int, steps_per_stage: int, key_copies: int = 1) -> 
     return stages
 
 
+# The demo's models (memformer_fast.presets): "small", the default, 16 segments in about two
+# minutes on 2 CPU cores; "large", 32 segments of 32 tokens, minutes on a GPU, long on a CPU.
 SIZES: dict[str, dict[str, int]] = {
-    # 0.16M parameters; the default: 16 segments, about two minutes on 2 CPU cores.
-    "small": dict(
-        d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2, n_memory_slots=8, segment_length=16
-    ),
-    # 1.1M parameters, 32 segments of 32 tokens: minutes on a GPU, long on a CPU.
-    "large": dict(
-        d_model=128, n_heads=4, d_ff=512, n_decoder_layers=4, n_memory_slots=16, segment_length=32
-    ),
+    "small": preset("recall-small"),
+    "large": preset("recall-large"),
 }
 DEFAULT_SEGMENTS = {"small": 16, "large": 32}
 
@@ -349,7 +346,7 @@ def run_demo(
         # 4T shows the trend: MRBP flat, BPTT linear in the rollout length.
         runs = [(method, t) for method in ("mrbp", "bptt") for t in (T, 4 * T)]
         measured = measure_peak_memory(
-            runs, config=_config_dict(model.config), batch_size=options.batch_size,
+            runs, config=model.config.to_dict(), batch_size=options.batch_size,
             device=str(device), seed=options.seed,
         )  # fmt: skip
         memory = {name: m["peak_mb"] for name, m in measured.items()}
@@ -389,12 +386,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def _config_dict(config: MemformerConfig) -> dict:
-    d = asdict(config)
-    d["memory_dtype"] = str(config.memory_dtype).removeprefix("torch.")
-    return d
 
 
 def plot_curves(report: DemoReport, path: Path) -> Path:
@@ -515,12 +506,10 @@ def _peak_rss() -> int:
 def _memory_probe(raw: str) -> None:
     """Child side of :func:`measure_peak_memory`: prints one JSON line."""
     args = json.loads(raw)
-    cfg = dict(args["config"])
-    cfg["memory_dtype"] = getattr(torch, cfg["memory_dtype"])
     torch.manual_seed(args["seed"])
     torch.set_num_threads(1)  # several probes run at once; threads do not change the memory
     device = torch.device(args["device"])
-    model = Memformer(MemformerConfig(**cfg)).to(device)
+    model = Memformer(MemformerConfig.from_dict(args["config"])).to(device)
     task = RecallTask(segment_length=model.config.segment_length)
     ids, labels, _ = task.sample(args["batch_size"], args["num_segments"])
     ids, labels = ids.to(device), labels.to(device)

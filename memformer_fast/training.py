@@ -364,18 +364,6 @@ DATA_LAYOUT = (
 )
 
 
-def config_to_dict(config: MemformerConfig) -> dict[str, Any]:
-    d = asdict(config)
-    d["memory_dtype"] = str(config.memory_dtype).removeprefix("torch.")
-    return d
-
-
-def config_from_dict(d: dict[str, Any]) -> MemformerConfig:
-    d = dict(d)
-    d["memory_dtype"] = getattr(torch, d["memory_dtype"])
-    return MemformerConfig(**d)
-
-
 # ----------------------------------------------------------------------------------- trainer
 
 
@@ -423,7 +411,7 @@ class Trainer:
         """The checkpoint's contents, with a ``checksum`` of everything else in it."""
         state = {
             "format": CHECKPOINT_FORMAT,
-            "config": config_to_dict(self.model.config),
+            "config": self.model.config.to_dict(),
             "settings": asdict(self.settings),
             "data": self.data.fingerprint,
             "step": self.step,
@@ -492,7 +480,7 @@ class Trainer:
                 f"{ckpt['data']['crc32']:08x}; now {data.fingerprint['bytes']:,} bytes, crc32 "
                 f"{data.fingerprint['crc32']:08x}): resume on the same files"
             )
-        config = config_from_dict(ckpt["config"])
+        config = MemformerConfig.from_dict(ckpt["config"])
         memory = ckpt["memory"]
         rollout = settings.segments * config.segment_length
         batch = streams(data.train, settings.batch_size, rollout).shape[0]
@@ -714,7 +702,7 @@ class Trainer:
 def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> MemformerConfig:
     """The checkpoint's model config; ``overrides`` (what the user asked for explicitly) must
     agree with it."""
-    config = config_from_dict(ckpt["config"])
+    config = MemformerConfig.from_dict(ckpt["config"])
     for name, value in overrides.items():
         if getattr(config, name) != value:
             raise UserError(
@@ -777,7 +765,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
     try:
-        config = config_from_dict(ckpt["config"])
+        config = MemformerConfig.from_dict(ckpt["config"])
         TrainSettings(**ckpt["settings"])
     except (TypeError, ValueError, AttributeError, KeyError, UserError) as error:
         raise UserError(f"{path} has an invalid config: {_first_line(error)}") from None
@@ -961,7 +949,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Memformer:
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> Memformer:
     """The model of a checkpoint loaded by :func:`load_checkpoint`, in eval mode."""
-    model = Memformer(config_from_dict(ckpt["config"])).to(device)
+    model = Memformer(MemformerConfig.from_dict(ckpt["config"])).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, KeyError) as error:
