@@ -19,7 +19,7 @@ import pytest
 import torch
 from testing_utils import TINY_CLI, run, tiny_model
 
-from memformer_fast.training import (
+from memformer_fast.app.training import (
     CARRIED,
     PAD,
     RESET,

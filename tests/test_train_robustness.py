@@ -17,8 +17,8 @@ import pytest
 import torch
 from testing_utils import CLI_TEXT, TINY_CLI, run
 
-from memformer_fast import training
-from memformer_fast.training import (
+from memformer_fast.app import training
+from memformer_fast.app.training import (
     CheckpointWarning,
     Trainer,
     UserError,
@@ -233,7 +233,7 @@ def test_divergence_keeps_the_last_checkpoint(
 
 def small_trainer(steps: int) -> Trainer:
     from memformer_fast import MemformerConfig
-    from memformer_fast.training import VOCAB_SIZE, ByteData, TrainSettings
+    from memformer_fast.app.training import VOCAB_SIZE, ByteData, TrainSettings
 
     cfg = MemformerConfig(
         vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memformer_fast import Memformer, MemformerConfig
-from memformer_fast.cli import main
+from memformer_fast.app.cli import main
 from memformer_fast.presets import preset
 
 # A byte corpus for the command line's tests, and the flags of a model that trains in moments.

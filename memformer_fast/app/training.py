@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import mrbp
-from .config import MemformerConfig
-from .model import IGNORE_INDEX, Memformer
+from .. import mrbp
+from ..config import MemformerConfig
+from ..model import IGNORE_INDEX, Memformer
 
 CHECKPOINT_FORMAT = "memformer_fast.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"

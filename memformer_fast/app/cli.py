@@ -1,10 +1,10 @@
 """``memformer-fast`` (also ``python -m memformer_fast``): demo, train, eval, generate, export,
 info.
 
-A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
-turns a bad flag or a :class:`~memformer_fast.training.UserError` into a one-line message with
-exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number (130, 143, 129)
-after ``train`` has saved a resumable checkpoint.
+A thin layer over :mod:`memformer_fast.app.demo` and :mod:`memformer_fast.app.training`: it
+parses flags, turns a bad flag or a :class:`~memformer_fast.app.training.UserError` into a one-line
+message with exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number
+(130, 143, 129) after ``train`` has saved a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import importlib
 import math
 import os
 import platform
@@ -24,10 +25,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import __version__
-from .config import ARCHITECTURES, BACKENDS
-from .presets import preset
-from .tasks import SIZES
+from .. import __version__
+from ..config import ARCHITECTURES, BACKENDS
+from ..presets import preset
+from .demo import SIZES
 from .training import CHECKPOINT_NAME, CheckpointWarning, UserError
 
 PROG = "memformer-fast"
@@ -120,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tasks import DemoOptions, run_demo
+    from .demo import DemoOptions, run_demo
 
     device = _device(args.device)
     # The small model's operations are too small to split across threads: one thread is faster
@@ -195,7 +196,7 @@ def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import MemformerConfig
+    from ..config import MemformerConfig
     from .training import (
         VOCAB_SIZE,
         ByteData,
@@ -375,7 +376,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import backends, replay
+    from .. import backends, replay
 
     try:
         import triton
@@ -440,9 +441,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        from .hf import export_checkpoint
+        importlib.import_module("memformer_fast.hf")  # transformers is optional
     except ImportError:
         raise UserError('export needs transformers: pip install "memformer_fast[hf]"') from None
+    from .export import export_checkpoint
+
     out = export_checkpoint(args.checkpoint, args.out_dir)
     print(f"wrote {out}: AutoModelForCausalLM and AutoTokenizer load it (import memformer_fast.hf)")
     return 0
