@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import randomness
 from .model import Memformer
 from .replay import ReplayBuffer
+from .validation import check_memory
 
 NO_SEED = -1  # a replay-buffer entry whose segment draws no dropout
 
@@ -139,7 +140,7 @@ def backward(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
-    memory_in = net._check_memory(memory, batch_size) if memory is not None else None
+    memory_in = check_memory(net, memory, batch_size) if memory is not None else None
     seeds = [
         NO_SEED
         if rollout.seed is None or not preserve_rng

@@ -2,7 +2,7 @@
 
 The library (``memformer_fast`` outside ``app/``) never imports the command-line application, and
 no two library modules import each other (directly or around a loop), even lazily inside a
-function.
+function; an import for type hints only (``if TYPE_CHECKING:``) does not run and does not count.
 """
 
 from __future__ import annotations
@@ -20,12 +20,27 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (type hints never run)."""
+    nodes: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
 def _imports(path: Path) -> set[str]:
-    """Every ``memformer_fast`` module ``path`` imports, anywhere in the file."""
+    """Every ``memformer_fast`` module ``path`` imports at run time, anywhere in the file (a lazy
+    import inside a function counts: it is a cycle all the same)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

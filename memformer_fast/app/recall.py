@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..model import IGNORE_INDEX, Memformer
+from ..rollout import shift_right
 
 QUERY_TOKEN = 1  # token 0 is the model's BOS and never appears in a sequence
 MARKER_TOKEN = 2
@@ -121,7 +122,7 @@ def recall_accuracy(
                 for segment in segments[:-context_segments]:
                     _, memory = model.read_segment(segment, memory)
             if encoder_decoder:
-                decoder_input_ids, _ = model._shift_right(segments[-1], None)
+                decoder_input_ids, _ = shift_right(segments[-1], None, model.config.bos_token_id)
                 out = model(segments[-2], memory=memory, decoder_input_ids=decoder_input_ids)
             else:
                 out = model(segments[-1], memory=memory)

@@ -43,6 +43,7 @@ from torch import Tensor
 from .. import mrbp
 from ..config import MemformerConfig
 from ..model import IGNORE_INDEX, Memformer
+from ..validation import check_memory
 
 CHECKPOINT_FORMAT = "memformer_fast.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -288,7 +289,7 @@ def token_nll(
     rollout = model.plan_rollout(
         input_ids, inputs.attention_mask, inputs.labels, resets=inputs.resets
     )
-    memory = model._check_memory(memory, input_ids.shape[0])
+    memory = check_memory(model, memory, input_ids.shape[0])
     pieces = []
     for t in range(len(rollout)):
         logits, memory = model.rollout_logits(rollout, t, memory)
