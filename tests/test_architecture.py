@@ -98,3 +98,25 @@ def test_library_modules_form_no_import_cycle() -> None:
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_every_function_outside_the_kernels_is_short() -> None:
+    """Under 80 lines (decorators and docstring included); Triton kernels (``@triton.jit``) are
+    exempt: a kernel is one program, and splitting it would cost registers or clarity."""
+    long = []
+    # An editable install keeps the kernels' sources in kernels/ beside the package.
+    roots = [PACKAGE, *[d for d in [PACKAGE.parent / "kernels"] if d.is_dir()]]
+    for path in sorted(p for root in roots for p in root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if any("jit" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            lines = (node.end_lineno or node.lineno) - start + 1
+            if lines >= MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{start} {node.name} ({lines})")
+    assert long == []

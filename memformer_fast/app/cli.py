@@ -26,10 +26,17 @@ from typing import Any, NoReturn
 import torch
 
 from .. import __version__
-from ..config import ARCHITECTURES, BACKENDS
+from ..config import ARCHITECTURES, BACKENDS, MemformerConfig
 from ..presets import preset
 from .demo import SIZES
-from .training import CHECKPOINT_NAME, CheckpointWarning, UserError
+from .training import (
+    CHECKPOINT_NAME,
+    VOCAB_SIZE,
+    ByteData,
+    CheckpointWarning,
+    TrainSettings,
+    UserError,
+)
 
 PROG = "memformer-fast"
 
@@ -195,13 +202,41 @@ def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _new_run(
+    model_fields: dict[str, Any], overrides: dict[str, Any]
+) -> tuple[MemformerConfig, TrainSettings]:
+    """The config and settings of a new ``train`` run: the defaults with the given flags."""
+    fields = {**DEFAULT_MODEL, **model_fields}
+    fields.setdefault("d_ff", 4 * fields["d_model"])
+    try:
+        config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return config, TrainSettings(**overrides)
+
+
+def _byte_data(
+    documents: list[bytes], corpus: bytes, config: MemformerConfig, settings: TrainSettings
+) -> ByteData:
+    """The run's data: ``corpus`` (the ``documents`` joined) as one byte stream, or the documents
+    aligned to segments (``--reset-at-file-boundaries``), in rollouts the model can learn from
+    (the encoder-decoder predicts segment t + 1: two segments at least)."""
+    if config.architecture == "encoder-decoder" and settings.segments < 2:
+        raise UserError(
+            f"--segments must be >= 2 with --architecture encoder-decoder (segment t predicts "
+            f"segment t + 1), got {settings.segments}"
+        )
+    rollout_bytes = settings.segments * config.segment_length
+    if settings.reset_at_file_boundaries:
+        return ByteData.from_documents(
+            documents, config.segment_length, rollout_bytes, settings.val_fraction
+        )
+    return ByteData.from_bytes(corpus, rollout_bytes, settings.val_fraction)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..config import MemformerConfig
     from .training import (
-        VOCAB_SIZE,
-        ByteData,
         Trainer,
-        TrainSettings,
         check_output_dir,
         load_checkpoint,
         load_documents,
@@ -218,8 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(out)  # before any work: a folder that cannot be written loses the run
     documents = load_documents(args.data, args.glob, args.max_bytes)
     corpus, n_files = b"".join(documents), len(documents)
-    if args.resume:
-        ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if args.resume else None
+    if ckpt is not None:
         config = resumed_config(ckpt, model_fields)
         settings = resumed_settings(ckpt, overrides)
     else:
@@ -227,26 +262,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{path} exists: pass --resume to continue that run, or choose another --out"
             )
-        fields = {**DEFAULT_MODEL, **model_fields}
-        fields.setdefault("d_ff", 4 * fields["d_model"])
-        try:
-            config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        settings = TrainSettings(**overrides)
-    if config.architecture == "encoder-decoder" and settings.segments < 2:
-        raise UserError(
-            f"--segments must be >= 2 with --architecture encoder-decoder (segment t predicts "
-            f"segment t + 1), got {settings.segments}"
-        )
-    rollout_bytes = settings.segments * config.segment_length
-    if settings.reset_at_file_boundaries:
-        data = ByteData.from_documents(
-            documents, config.segment_length, rollout_bytes, settings.val_fraction
-        )
-    else:
-        data = ByteData.from_bytes(corpus, rollout_bytes, settings.val_fraction)
-    if args.resume:
+        config, settings = _new_run(model_fields, overrides)
+    data = _byte_data(documents, corpus, config, settings)
+    if ckpt is not None:
         trainer = Trainer.resume(ckpt, data, settings, device)
     else:
         trainer = Trainer.create(config, data, settings, device)
@@ -462,7 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_export_and_info(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` command."""
     demo = sub.add_parser(
         "demo",
         help="long-range recall: train with MRBP, compare with the memory reset (a few minutes)",
@@ -507,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_train(sub: Any) -> None:
+    """The ``train`` command: data, model and run flags."""
     train = sub.add_parser(
         "train",
         help="train a byte-level language model on a text file or folder",
@@ -520,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/train", help="folder of checkpoint.pt")
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     g = train.add_argument_group("model (fixed once a run has started)")
-    g.add_argument("--architecture", choices=ARCHITECTURES)
+    g.add_argument("--architecture", choices=sorted(ARCHITECTURES))
     g.add_argument("--d-model", type=POSITIVE, help=f"width (default {DEFAULT_MODEL['d_model']})")
     g.add_argument("--n-heads", type=POSITIVE, help=f"default {DEFAULT_MODEL['n_heads']}")
     g.add_argument(
@@ -569,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
+    """The ``eval`` command."""
     ev = sub.add_parser(
         "eval",
         help="bits per byte on held-out text: memory carried vs reset, by position in the file",
@@ -588,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub: Any) -> None:
+    """The ``generate`` command."""
     gen = sub.add_parser(
         "generate",
         help="stream text from a checkpoint",
@@ -604,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 on the CPU)")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_export_and_info(sub: Any) -> None:
+    """The ``export`` and ``info`` commands."""
     export = sub.add_parser(
         "export",
         help="convert a train checkpoint to a Hugging Face model folder (needs [hf])",
@@ -613,10 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
     export.add_argument("out_dir", metavar="DIR", help="output folder (new or empty)")
     export.set_defaults(func=cmd_export)
-
     info = sub.add_parser("info", help="versions, devices, backends and the compiled extension")
     info.set_defaults(func=cmd_info)
-    return parser
 
 
 def signal_name(signum: int) -> str:

@@ -25,7 +25,7 @@ from ..model import Memformer
 from ..presets import preset
 from .memory_probe import measure_peak_memory
 from .plotting import plot_curves
-from .recall import RecallTask, curriculum, recall_accuracy
+from .recall import RecallTask, Stage, curriculum, recall_accuracy
 
 # The demo's models (memformer_fast.presets): "small", the default, 16 segments in about two
 # minutes on 2 CPU cores; "large", 32 segments of 32 tokens, minutes on a GPU, long on a CPU.
@@ -123,21 +123,57 @@ def run_demo(
     options: DemoOptions, log: Callable[[str], None] = print, progress: bool = True
 ) -> DemoReport:
     """Train with MRBP along the curriculum, evaluate, measure memory, plot; return the report."""
-    from tqdm.auto import tqdm
-
-    L = SIZES[options.size]["segment_length"]
     T = options.num_segments
-    if T < 2:
-        raise ValueError(f"--segments must be >= 2, got {T}")
-    task = RecallTask(segment_length=L)
+    task = RecallTask(segment_length=SIZES[options.size]["segment_length"])
     torch.manual_seed(options.seed)
     model = build_model(options, task)
-    device = model.device
-    opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
-    train_gen = torch.Generator().manual_seed(options.seed)
+    stages = curriculum(T, options.steps_per_stage, options.key_copies)
+    curve, train_seconds, train_tokens_per_s = _train(options, task, model, stages, progress)
+
     # Held-out sequences come from another stream than the training ones.
     eval_gen = torch.Generator().manual_seed(options.seed + 1_000_003)
-    stages = curriculum(T, options.steps_per_stage, options.key_copies)
+    ids, _, keys = task.sample(options.eval_sequences, T, generator=eval_gen)
+    start = time.perf_counter()
+    accuracy = recall_accuracy(model, ids, keys)
+    eval_seconds = time.perf_counter() - start
+    reset_accuracy = recall_accuracy(model, ids, keys, reset_memory=True)
+    memory, what = _measure_memory(options, model, log) if options.measure_memory else ({}, "")
+    report = DemoReport(
+        options=options,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        accuracy=accuracy,
+        reset_accuracy=reset_accuracy,
+        chance=task.chance,
+        train_tokens_per_s=train_tokens_per_s,
+        eval_tokens_per_s=ids.numel() / max(eval_seconds, 1e-9),
+        train_seconds=train_seconds,
+        memory_mb=memory,
+        memory_what=what,
+        backend=_backend_name(model),
+        device=_device_name(model.device),
+        curve=curve,
+    )
+    if options.out_dir:
+        out = Path(options.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = plot_curves(report.curve, report.chance, stages, out / "learning_curves.png")
+        report.plot_path = str(path)
+        summary = {k: v for k, v in asdict(report).items() if k != "curve"}
+        (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return report
+
+
+def _train(
+    options: DemoOptions, task: RecallTask, model: Memformer, stages: list[Stage], progress: bool
+) -> tuple[dict[str, list[float]], float, float]:
+    """Train ``model`` with MRBP along ``stages``: ``(curve, training seconds, tokens per second
+    on the target length)``; ``curve`` as :func:`~memformer_fast.app.plotting.plot_curves`
+    takes it."""
+    from tqdm.auto import tqdm
+
+    T, device = stages[-1].num_segments, model.device
+    opt = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
+    train_gen = torch.Generator().manual_seed(options.seed)
     total = sum(s.steps for s in stages)
     # Cosine decay to a tenth: at a constant 3e-3 the solved task's tiny gradients let Adam's
     # steps drift until recall collapses late in the run (docs/memory_learning.md).
@@ -182,50 +218,24 @@ def run_demo(
             bar.update(1)
             bar.set_postfix(T=stage.num_segments, loss=f"{loss:.3f}", acc=curve["eval_acc"][-1:])
     bar.close()
+    return curve, train_seconds, final_tokens / max(final_seconds, 1e-9)
 
-    ids, _, keys = task.sample(options.eval_sequences, T, generator=eval_gen)
-    start = time.perf_counter()
-    accuracy = recall_accuracy(model, ids, keys)
-    eval_seconds = time.perf_counter() - start
-    reset_accuracy = recall_accuracy(model, ids, keys, reset_memory=True)
 
-    memory: dict[str, float] = {}
-    what = ""
-    if options.measure_memory:
-        log("measuring the peak memory of MRBP and BPTT steps in fresh processes...")
-        # 4T shows the trend: MRBP flat, BPTT linear in the rollout length.
-        runs = [(method, t) for method in ("mrbp", "bptt") for t in (T, 4 * T)]
-        measured = measure_peak_memory(
-            runs, config=model.config.to_dict(), batch_size=options.batch_size,
-            device=str(device), seed=options.seed,
-        )  # fmt: skip
-        memory = {name: m["peak_mb"] for name, m in measured.items()}
-        what = next(iter(measured.values()))["what"]
-
-    report = DemoReport(
-        options=options,
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        accuracy=accuracy,
-        reset_accuracy=reset_accuracy,
-        chance=task.chance,
-        train_tokens_per_s=final_tokens / max(final_seconds, 1e-9),
-        eval_tokens_per_s=ids.numel() / max(eval_seconds, 1e-9),
-        train_seconds=train_seconds,
-        memory_mb=memory,
-        memory_what=what,
-        backend=_backend_name(model),
-        device=_device_name(device),
-        curve=curve,
-    )
-    if options.out_dir:
-        out = Path(options.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stages = curriculum(T, options.steps_per_stage, options.key_copies)
-        path = plot_curves(report.curve, report.chance, stages, out / "learning_curves.png")
-        report.plot_path = str(path)
-        summary = {k: v for k, v in asdict(report).items() if k != "curve"}
-        (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return report
+def _measure_memory(
+    options: DemoOptions, model: Memformer, log: Callable[[str], None]
+) -> tuple[dict[str, float], str]:
+    """Peak memory of one MRBP and one BPTT step at the target length and four times it, each
+    in a fresh process: ``({"mrbp@T": MiB, ...}, how it was measured)``."""
+    log("measuring the peak memory of MRBP and BPTT steps in fresh processes...")
+    T = options.num_segments
+    # 4T shows the trend: MRBP flat, BPTT linear in the rollout length.
+    runs = [(method, t) for method in ("mrbp", "bptt") for t in (T, 4 * T)]
+    measured = measure_peak_memory(
+        runs, config=model.config.to_dict(), batch_size=options.batch_size,
+        device=str(model.device), seed=options.seed,
+    )  # fmt: skip
+    what = next(iter(measured.values()))["what"]
+    return {name: m["peak_mb"] for name, m in measured.items()}, what
 
 
 def _backend_name(model: Memformer) -> str:
