@@ -1,4 +1,4 @@
-"""Public functional API of the three fused operations (SPEC section 2).
+"""Public functional API of the three fused operations (docs/design.md, "The three operations").
 
 Each function validates its arguments (a bad argument raises a ``TypeError`` or ``ValueError``
 naming it, what was expected and what was given), picks a backend and calls it:

@@ -467,7 +467,8 @@ gated_memory_update_bwd.register_autograd(_refuse_double_backward)
 
 
 def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Fused memory read (SPEC 2.1): q [B, L, H, Dh], k, v [B, S, H, Dh] -> [B, L, H, Dh]."""
+    """Fused memory read (design.md, "Memory read"): q [B, L, H, Dh], k, v [B, S, H, Dh]
+    -> [B, L, H, Dh]."""
     return memory_read_fwd(q, k, v, scale)[0]
 
 
@@ -481,8 +482,8 @@ def memory_write_attention(
     temperature: float,
     scale: float,
 ) -> Tensor:
-    """Fused memory write (SPEC 2.2): q, k_self, v_self [B, S, H, Dh], k, v [B, L, H, Dh],
-    token_mask [B, L] bool or None -> [B, S, H, Dh].
+    """Fused memory write (design.md, "Memory write"): q, k_self, v_self [B, S, H, Dh],
+    k, v [B, L, H, Dh], token_mask [B, L] bool or None -> [B, S, H, Dh].
 
     The op's float32 output is rounded here, outside it, so that its backward sees the unrounded
     output (a no-op for float32 inputs).
@@ -494,6 +495,6 @@ def memory_write_attention(
 def gated_memory_update(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
-    """Fused gated BMN update (SPEC 2.3): memory, candidate [B, S, D], bias [S, D],
+    """Fused gated BMN update (design.md, "Gated update"): memory, candidate [B, S, D], bias [S, D],
     gate_logits [B, S, D] or None -> [B, S, D]."""
     return gated_memory_update_fwd(memory, candidate, bias, gate_logits, eps)

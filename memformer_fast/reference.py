@@ -1,4 +1,5 @@
-"""The three Memformer operations in plain PyTorch: the executable specification (SPEC section 2).
+"""The three Memformer operations in plain PyTorch: the executable specification
+(docs/design.md, "The three operations").
 
 Every other implementation (the Triton kernels, the custom ops) is tested against these. They take
 ``[batch, length, heads, head_dim]`` tensors, accumulate in float32 (float64 stays float64) and

@@ -42,6 +42,6 @@ def tiny_model(architecture: str = "decoder", seed: int = 0, **overrides: Any) -
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 (SPEC section 6)."""
+    """``||actual - expected|| / ||expected||`` in float64 (docs/design.md, "Guarantees")."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
