@@ -25,8 +25,9 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from memformer_fast import Memformer, MemformerConfig, mrbp  # noqa: E402
 from memformer_fast.app.cli import main  # noqa: E402
-from memformer_fast.app.training import VOCAB_SIZE, ByteData, TrainSettings  # noqa: E402
+from memformer_fast.app.data import VOCAB_SIZE, ByteData  # noqa: E402
 from memformer_fast.app.training import Trainer as ByteTrainer  # noqa: E402
+from memformer_fast.app.training import TrainSettings  # noqa: E402
 from memformer_fast.hf import (  # noqa: E402
     MemformerCache,
     MemformerForCausalLM,

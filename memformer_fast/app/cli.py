@@ -2,7 +2,7 @@
 info.
 
 A thin layer over :mod:`memformer_fast.app.demo` and :mod:`memformer_fast.app.training`: it
-parses flags, turns a bad flag or a :class:`~memformer_fast.app.training.UserError` into a one-line
+parses flags, turns a bad flag or a :class:`~memformer_fast.app.errors.UserError` into a one-line
 message with exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number
 (130, 143, 129) after ``train`` has saved a resumable checkpoint.
 """
@@ -28,15 +28,10 @@ import torch
 from .. import __version__
 from ..config import ARCHITECTURES, BACKENDS, MemformerConfig
 from ..presets import preset
+from .data import VOCAB_SIZE, ByteData, load_documents
 from .demo import SIZES
-from .training import (
-    CHECKPOINT_NAME,
-    VOCAB_SIZE,
-    ByteData,
-    CheckpointWarning,
-    TrainSettings,
-    UserError,
-)
+from .errors import CheckpointWarning, UserError
+from .training import CHECKPOINT_NAME, TrainSettings
 
 PROG = "memformer-fast"
 
@@ -239,7 +234,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         Trainer,
         check_output_dir,
         load_checkpoint,
-        load_documents,
         resumed_config,
         resumed_settings,
     )
@@ -305,13 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .training import (
-        evaluate_documents,
-        format_evaluation,
-        load_checkpoint,
-        load_documents,
-        model_from_checkpoint,
-    )
+    from .evaluation import evaluate_documents, format_evaluation
+    from .training import load_checkpoint, model_from_checkpoint
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -358,7 +347,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .training import load_model, stream_bytes
+    from .evaluation import stream_bytes
+    from .training import load_model
 
     device = _device(args.device)
     # One token at a time is too little work to split across threads: one is fastest on a CPU.

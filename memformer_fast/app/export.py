@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 from ..hf import MemformerForCausalLM, byte_tokenizer
-from .training import VOCAB_SIZE, UserError, load_model
+from .data import VOCAB_SIZE
+from .errors import UserError
+from .training import load_model
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
