@@ -98,7 +98,12 @@ def extension() -> Extension:
 
 
 setup(
-    packages=["memformer_fast", "memformer_fast.hf", "memformer_fast.kernels"],
+    packages=[
+        "memformer_fast",
+        "memformer_fast.app",
+        "memformer_fast.hf",
+        "memformer_fast.kernels",
+    ],
     package_dir={"memformer_fast": "memformer_fast", "memformer_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from memformer_fast import mrbp
+from memformer_fast.app.recall import RecallTask, recall_accuracy
 from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
-from memformer_fast.tasks import RecallTask, recall_accuracy
 
 PROBE_SEQUENCES = 256
 # Constant Adam steps of 3e-3 solve the task, then blow it up with loss spikes at T = 8 (see

@@ -4,38 +4,29 @@ Usage: ``python benchmarks/memory_probe.py '<RolloutCase as JSON>'``; prints one
 
 The process imports torch, warms up on a 2-segment version of the case (lazy initialisation,
 library code paged in on first use), builds the case's model and inputs (:func:`workloads.build`),
-records its resident set (``VmRSS``), resets the kernel's high-water mark (writing
-``5`` to ``/proc/self/clear_refs``), runs the step again and reads the high-water mark
-(``VmHWM``). The reported ``peak_mb`` is ``VmHWM - VmRSS``: the memory the step added at its peak
-(gradients, activations, replay buffers, temporaries) on top of the interpreter, torch, the model
-and its inputs. :func:`harness.cpu_peak_mb` starts the process with a fixed glibc mmap threshold,
-so freed tensors go back to the system instead of staying resident in the allocator's cache, and
-a fresh process per case keeps earlier cases out of the measurement.
+and measures the step with :func:`memformer_fast.app.memory_probe.peak_memory_mib`: it records the
+resident set (``VmRSS``), resets the kernel's high-water mark (writing ``5`` to
+``/proc/self/clear_refs``), runs the step and reads the high-water mark (``VmHWM``). The reported
+``peak_mb`` is ``VmHWM - VmRSS``: the memory the step added at its peak (gradients, activations,
+replay buffers, temporaries) on top of the interpreter, torch, the model and its inputs.
+:func:`harness.cpu_peak_mb` starts the process with a fixed glibc mmap threshold, so freed tensors
+go back to the system instead of staying resident in the allocator's cache, and a fresh process
+per case keeps earlier cases out of the measurement.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import sys
-from pathlib import Path
 
 import torch
 from harness import apply_thread_setting
 from workloads import RolloutCase, build
 
-STATUS = Path("/proc/self/status")
-CLEAR_REFS = Path("/proc/self/clear_refs")
+from memformer_fast.app.memory_probe import peak_memory_mib
+
 CPU = torch.device("cpu")
-
-
-def status_mb(field: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB."""
-    for line in STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def main(argv: list[str]) -> None:
@@ -47,15 +38,11 @@ def main(argv: list[str]) -> None:
     warm_up()
     del _, warm_up
     _, step = build(case, CPU)
-    gc.collect()
-    baseline = status_mb("VmRSS")
-    CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident set
-    step()
-    peak = status_mb("VmHWM")
+    peak, baseline = peak_memory_mib(step, CPU)
     print(
         json.dumps(
             {
-                "peak_mb": peak - baseline,
+                "peak_mb": peak,
                 "baseline_rss_mb": baseline,
                 "method": "fresh process per case, after a warm-up step: "
                 "VmHWM - VmRSS over one step",

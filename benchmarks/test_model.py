@@ -20,7 +20,7 @@ import torch
 from harness import DEVICE, ON_CUDA, rounds, run_benchmark
 from workloads import SIZES, parameter_count, train_step
 
-from memformer_fast.functional import interpreter_enabled
+from memformer_fast.backends import interpreter_enabled
 
 if ON_CUDA:
     SIZE, BATCH = "paper", 32

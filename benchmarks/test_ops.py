@@ -24,7 +24,7 @@ from harness import DEVICE, ON_CUDA, Rotation, bandwidth_info, rounds, run_bench
 from torch import Tensor
 
 from memformer_fast import functional
-from memformer_fast.functional import interpreter_enabled, triton_available
+from memformer_fast.backends import interpreter_enabled, triton_available
 
 if ON_CUDA:
     BATCH, HEADS, HEAD_DIM = 8, 8, 64

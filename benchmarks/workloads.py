@@ -17,54 +17,11 @@ from torch.utils.checkpoint import checkpoint
 
 from memformer_fast import Memformer, MemformerConfig, mrbp, randomness
 from memformer_fast.model import IGNORE_INDEX
+from memformer_fast.presets import preset
 
-# Model sizes. "paper" is the paper's WikiText-103 encoder-decoder (the vocabulary is a 32k BPE,
-# not the paper's 267k word vocabulary with adaptive softmax); "paper-decoder12" is the paper's
-# Table 3 model (the v1 "Memformer Decoder"); the "cpu-" sizes are scaled-down versions that run
-# in seconds on two cores. Every size keeps d_ff = 4 * d_model, as the peer's model fixes it.
+# Model sizes (memformer_fast.presets has what each is).
 SIZES: dict[str, dict[str, object]] = {
-    "paper": dict(
-        architecture="encoder-decoder",
-        vocab_size=32000,
-        d_model=512,
-        n_heads=8,
-        d_ff=2048,
-        n_encoder_layers=4,
-        n_decoder_layers=8,
-        n_memory_slots=32,
-        segment_length=64,
-    ),
-    "paper-decoder12": dict(
-        architecture="decoder",
-        vocab_size=32000,
-        d_model=512,
-        n_heads=8,
-        d_ff=2048,
-        n_decoder_layers=12,
-        n_memory_slots=32,
-        segment_length=64,
-    ),
-    "cpu-small": dict(
-        architecture="encoder-decoder",
-        vocab_size=1024,
-        d_model=128,
-        n_heads=4,
-        d_ff=512,
-        n_encoder_layers=2,
-        n_decoder_layers=4,
-        n_memory_slots=16,
-        segment_length=32,
-    ),
-    "cpu-decoder4": dict(
-        architecture="decoder",
-        vocab_size=1024,
-        d_model=128,
-        n_heads=4,
-        d_ff=512,
-        n_decoder_layers=4,
-        n_memory_slots=16,
-        segment_length=32,
-    ),
+    name: preset(name) for name in ("paper", "paper-decoder12", "cpu-small", "cpu-decoder4")
 }
 
 # Training methods over a rollout:

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, acc_torch_dtype, is_interpreter, split_reduction
+from memformer_fast.backends import MAX_GATED_WIDTH as MAX_WIDTH
+from memformer_fast.backends import accumulation_dtype, interpreter_enabled
 
-# The width of a slot is one tile: keeps the norm a single in-register reduction.
-MAX_WIDTH = 2048
+from .utils import acc_dtype, split_reduction
 
 
 @triton.jit
@@ -187,7 +187,7 @@ def gated_update_config(kernel: str, D: int) -> dict[str, int]:
     BLOCK_D = triton.next_power_of_2(D)
     elements = 2048 if kernel == "fwd" else 1024
     rows = max(1, elements // BLOCK_D)
-    if is_interpreter():
+    if interpreter_enabled():
         return {"BLOCK_R" if kernel == "fwd" else "BLOCK_S": min(rows, 4), "BLOCK_D": BLOCK_D}
     num_warps = max(4, min(16, rows * BLOCK_D // (256 if kernel == "fwd" else 128)))
     return {
@@ -241,7 +241,7 @@ def gated_update_bwd(
     cfg = gated_update_config("bwd", D)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(B, 1, n_s, memory.device, num_splits)
-    acc = acc_torch_dtype(memory.dtype)
+    acc = accumulation_dtype(memory.dtype)
     dbias = torch.empty(
         (splits, S, D), dtype=bias.dtype if splits == 1 else acc, device=bias.device
     )

@@ -22,11 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from memformer_fast.backends import accumulation_dtype
+
 from .utils import (
     DOT_PRECISION,
     AttentionConfigs,
     acc_dtype,
-    acc_torch_dtype,
     attention_tiles,
     head_dim_tile,
     softmax_bwd_kv_tile,
@@ -362,7 +363,7 @@ def memory_read_fwd(
     B, L, H, Dh = q.shape
     S = k.shape[1]
     o = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=acc_torch_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, H, L), dtype=accumulation_dtype(q.dtype), device=q.device)
     cfg = memory_read_config("fwd", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
     memory_read_fwd_kernel[grid](
@@ -404,7 +405,7 @@ def memory_read_bwd(
         dk = torch.empty((1, B, S, H, Dh), dtype=k.dtype, device=k.device)
         dv = torch.empty((1, B, S, H, Dh), dtype=v.dtype, device=v.device)
     else:
-        acc = acc_torch_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         dk = torch.empty((splits, B, S, H, Dh), dtype=acc, device=k.device)
         dv = torch.empty((splits, B, S, H, Dh), dtype=acc, device=v.device)
     memory_read_bwd_dkdv_kernel[(n_s, B * H, splits)](

@@ -26,14 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
+from memformer_fast.backends import accumulation_dtype, interpreter_enabled
+
 from .utils import (
     DOT_PRECISION,
     AttentionConfigs,
     acc_dtype,
-    acc_torch_dtype,
     attention_tiles,
     head_dim_tile,
-    is_interpreter,
     softmax_bwd_kv_tile,
     split_reduction,
 )
@@ -501,7 +501,9 @@ def memory_write_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, i
     from ``_CONFIGS`` (the split combine has fixed ones)."""
     BLOCK_D = head_dim_tile("memory_write_attention", Dh)
     if kernel == "fwd_combine":
-        return {"BLOCK_S": 16, "BLOCK_D": BLOCK_D} | ({} if is_interpreter() else {"num_warps": 4})
+        return {"BLOCK_S": 16, "BLOCK_D": BLOCK_D} | (
+            {} if interpreter_enabled() else {"num_warps": 4}
+        )
     return attention_tiles(_CONFIGS, kernel, dtype, BLOCK_D)
 
 
@@ -530,7 +532,7 @@ def memory_write_fwd(
     """
     B, S, H, Dh = q.shape
     L = k.shape[1]
-    acc = acc_torch_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     cfg = memory_write_config("fwd", q.dtype, Dh)
     n_s = triton.cdiv(S, cfg["BLOCK_S"])
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
@@ -589,7 +591,7 @@ def memory_write_bwd(
     splits, chunk = split_reduction(L, cfg["BLOCK_L"], n_s * B * H, q.device, num_splits)
     dq = torch.empty(
         (splits, B, S, H, Dh),
-        dtype=q.dtype if splits == 1 else acc_torch_dtype(q.dtype),
+        dtype=q.dtype if splits == 1 else accumulation_dtype(q.dtype),
         device=q.device,
     )
     memory_write_bwd_dq_kernel[(n_s, B * H, splits)](

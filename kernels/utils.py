@@ -10,22 +10,16 @@ with "0 active drivers") runs the same code path with its own small tiles.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from memformer_fast.backends import MAX_HEAD_DIM, interpreter_enabled
+
 # tl.dot needs M, N, K >= 16 on NVIDIA GPUs (the interpreter accepts less, the compiler does not).
 MIN_DOT_TILE = 16
-# Head dims up to 128 (padded to a power of two: 48 -> 64, 80 -> 128) are shipped and AOT-tested.
-MAX_HEAD_DIM = 128
-
-
-def is_interpreter() -> bool:
-    """Whether Triton runs kernels on CPU tensors (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _patch_interpreter_scalar_index() -> None:
@@ -102,7 +96,7 @@ def _patch_interpreter_bfloat16() -> None:
     builder.cast_impl = patched_cast
 
 
-if is_interpreter():
+if interpreter_enabled():
     _patch_interpreter_scalar_index()
     _patch_interpreter_bfloat16()
 
@@ -112,13 +106,8 @@ def dot_tile(n: int) -> int:
     return max(MIN_DOT_TILE, triton.next_power_of_2(n))
 
 
-def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator dtype: float32, or float64 for float64 inputs (interpreter gradchecks only)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    """:func:`acc_torch_dtype` as a Triton dtype."""
+    """:func:`memformer_fast.backends.accumulation_dtype` as a Triton dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -176,7 +165,7 @@ def attention_tiles(
     bfloat16 shares float16's entry; the interpreter takes small tiles so tiny test shapes cross
     tile borders.
     """
-    if is_interpreter():
+    if interpreter_enabled():
         return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
     BLOCK_L, BLOCK_S, num_warps = configs[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
     return {

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 ARCHITECTURES = ("encoder-decoder", "decoder")
 BACKENDS = ("auto", "reference", "triton")
+
+
+def dtype_name(value: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (how a dtype field is written to JSON or a checkpoint)."""
+    return str(value).removeprefix("torch.")
+
+
+def parse_dtype(name: str, value: object) -> torch.dtype:
+    """The dtype field ``name`` from a ``torch.dtype`` or its name (``"float32"``)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"{name} must be a torch.dtype or its name, got {value!r}")
 
 
 @dataclass
@@ -112,3 +130,32 @@ class MemformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data (JSON, checkpoints): dtypes become their names."""
+        d = dataclasses.asdict(self)
+        for name in DTYPE_FIELDS:
+            d[name] = dtype_name(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemformerConfig:
+        """The config :meth:`to_dict` wrote (dtypes as names or ``torch.dtype``\\ s). A field
+        missing from ``d`` takes its default, so a dict saved before that field existed loads;
+        an unknown key is a ValueError naming it."""
+        if not isinstance(d, dict):
+            raise TypeError(f"d must be a dict of MemformerConfig fields, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"d has keys that are not MemformerConfig fields: {unknown}")
+        values = dict(d)
+        for name in DTYPE_FIELDS & set(values):
+            values[name] = parse_dtype(f"MemformerConfig.{name}", values[name])
+        return cls(**values)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(MemformerConfig))
+# The fields whose default is a torch.dtype: written as the dtype's name.
+DTYPE_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(MemformerConfig) if isinstance(f.default, torch.dtype)
+)

@@ -1,4 +1,4 @@
-"""Public functional API of the three fused operations (SPEC section 2).
+"""Public functional API of the three fused operations (docs/design.md, "The three operations").
 
 Each function validates its arguments (a bad argument raises a ``TypeError`` or ``ValueError``
 naming it, what was expected and what was given), picks a backend and calls it:
@@ -12,50 +12,25 @@ naming it, what was expected and what was given), picks a backend and calls it:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .config import BACKENDS
+from . import ops, reference
+from .backends import (
+    KERNEL_DTYPES,
+    REFERENCE_DTYPES,
+    resolve_backend,
+    select_backend,
+)
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REFERENCE_DTYPES = (*_KERNEL_DTYPES, torch.float64)
-
-
-def triton_available() -> bool:
-    """Whether the Triton package can be imported."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` into ``"reference"`` or ``"triton"`` for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' needs the triton package: pip install 'triton>=3.6'"
-            )
-        if device.type != "cuda" and not interpreter_enabled():
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-                f"got tensors on {device}"
-            )
-    return backend
+__all__ = [
+    "gated_memory_update",
+    "memory_read_attention",
+    "memory_write_attention",
+    "resolve_backend",
+]
 
 
 def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str) -> None:
@@ -65,7 +40,7 @@ def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     first_name, first = names[0], tensors[0]
     assert isinstance(first, Tensor)
-    allowed = _REFERENCE_DTYPES if backend == "reference" else _KERNEL_DTYPES
+    allowed = REFERENCE_DTYPES if backend == "reference" else KERNEL_DTYPES
     if first.dtype not in allowed:
         raise TypeError(
             f"{first_name} must have a dtype in {[str(d) for d in allowed]} for backend "
@@ -113,30 +88,6 @@ def _default_scale(scale: float | None, head_dim: int) -> float:
     return head_dim**-0.5 if scale is None else _check_positive("scale", scale)
 
 
-def _select_backend(backend: str, t: Tensor, size_name: str, size: int) -> str:
-    """``resolve_backend``, then keep "auto" off the kernels where they do not apply (float64,
-    a ``size_name`` above the kernels' limit); an explicit "triton" there is an error."""
-    resolved = resolve_backend(backend, t.device)
-    if resolved != "triton":
-        return resolved
-    from .kernels import gated_update, utils  # imported only where Triton is used
-
-    limit = gated_update.MAX_WIDTH if size_name == "D" else utils.MAX_HEAD_DIM
-    if t.dtype in _KERNEL_DTYPES and size <= limit:
-        return resolved
-    if backend == "auto":
-        return "reference"
-    if size > limit:
-        raise ValueError(f"backend='triton' supports {size_name} <= {limit}, got {size}")
-    return resolved
-
-
-def _ops():  # imported lazily: Triton and the kernels load only when used
-    from . import ops
-
-    return ops
-
-
 def memory_read_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto"
 ) -> Tensor:
@@ -157,12 +108,12 @@ def memory_read_attention(
     _check_shape("k", k, (B, None, H, Dh), "[B, S, H, Dh] matching q")
     _check_shape("v", v, tuple(k.shape), "the shape of k")
     _check_nonempty(("q", "k"), (q, k))
-    backend = _select_backend(backend, q, "head_dim", Dh)
+    backend = select_backend(backend, q, "head_dim", Dh)
     _check_tensors(("q", "k", "v"), (q, k, v), backend)
     scale = _default_scale(scale, Dh)
     if backend == "reference":
         return reference.memory_read_attention(q, k, v, scale)
-    return _ops().memory_read_attention(q, k, v, scale)
+    return ops.memory_read_attention(q, k, v, scale)
 
 
 def memory_write_attention(
@@ -207,14 +158,14 @@ def memory_write_attention(
         if token_mask.device != q.device:
             raise ValueError(f"token_mask must be on {q.device}, got {token_mask.device}")
     temperature = _check_positive("temperature", temperature)
-    backend = _select_backend(backend, q, "head_dim", Dh)
+    backend = select_backend(backend, q, "head_dim", Dh)
     _check_tensors(names, (q, k_self, v_self, k, v), backend)
     scale = _default_scale(scale, Dh)
     if backend == "reference":
         return reference.memory_write_attention(
             q, k_self, v_self, k, v, token_mask, temperature, scale
         )
-    return _ops().memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    return ops.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
 
 
 def gated_memory_update(
@@ -255,8 +206,8 @@ def gated_memory_update(
         _check_shape("gate_logits", gate_logits, (B, S, D), "the shape of memory")
     _check_nonempty(("memory",), (memory,))
     eps = _check_positive("eps", eps)
-    backend = _select_backend(backend, memory, "D", D)
+    backend = select_backend(backend, memory, "D", D)
     _check_tensors(names, tensors, backend)
     if backend == "reference":
         return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
-    return _ops().gated_memory_update(memory, candidate, bias, gate_logits, eps)
+    return ops.gated_memory_update(memory, candidate, bias, gate_logits, eps)

@@ -1,8 +1,9 @@
-"""The Memformer model (SPEC section 3): both architectures, rollouts and streaming generation."""
+"""The Memformer model: its modules, validated one-segment forward, and the public methods of
+rollouts (:mod:`memformer_fast.rollout`) and streaming generation
+(:mod:`memformer_fast.generation`), which those modules implement."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import randomness
+from . import generation, randomness
+from . import rollout as _rollout
 from .config import MemformerConfig
 from .layers import (
     DecoderBlock,
@@ -21,8 +23,17 @@ from .layers import (
     attention_mask_2d,
     init_weights,
 )
+from .rollout import Rollout, shift_right, upcast
+from .validation import (
+    IGNORE_INDEX,
+    check_ids,
+    check_labels,
+    check_mask,
+    check_memory,
+    check_resets,
+)
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Memformer", "MemformerOutput", "Rollout"]
 
 
 @dataclass
@@ -33,30 +44,6 @@ class MemformerOutput:
     logits: Tensor | None
     memory: Tensor
     loss: Tensor | None = None
-
-
-@dataclass
-class Rollout:
-    """A rollout ``[B, T*L]`` cut into segments, with what each segment's loss needs.
-
-    ``targets[t]`` are the labels scored on step ``t`` (None when all are ignored: no decoder
-    work), ``num_targets`` the count over the whole rollout (each step's loss is a sum divided by
-    it, so the per-step losses add up to the rollout's mean), ``seed`` the dropout seed or None.
-    ``resets[t]`` is the ``[B]`` bool column of rows whose memory restarts from the initial memory
-    before step ``t`` (None when no row resets there: no work at all).
-    """
-
-    input_ids: list[Tensor]
-    masks: list[Tensor | None]
-    targets: list[Tensor | None]
-    decoder_inputs: list[Tensor | None]
-    decoder_masks: list[Tensor | None]
-    num_targets: int
-    seed: int | None
-    resets: list[Tensor | None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 class Memformer(nn.Module):
@@ -151,108 +138,11 @@ class Memformer(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         return self.writer.initial_memory(batch_size, self.config.memory_dtype)
 
-    def _check_ids(self, name: str, ids: object, max_length: int | None = None) -> Tensor:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"{name} must have shape [B, L] with B, L >= 1, got {list(ids.shape)}")
-        if max_length is not None and ids.shape[1] > max_length:
-            raise ValueError(
-                f"{name} has {ids.shape[1]} tokens, more than segment_length={max_length}; "
-                "use sequence_loss or mrbp.backward for a rollout of several segments"
-            )
-        if ids.device != self.device:
-            raise ValueError(
-                f"{name} must be on the model's device {self.device}, got {ids.device}"
-            )
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(
-                f"{name} must hold ids in [0, vocab_size={self.config.vocab_size}), "
-                f"got values in [{lo}, {hi}]"
-            )
-        return ids.long()
-
-    def _check_mask(self, name: str, mask: object, like: Tensor) -> Tensor | None:
-        if mask is None:
-            return None
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"{name} must be bool or integer (1 = real token), got {mask.dtype}")
-        if mask.shape != like.shape:
-            raise ValueError(f"{name} must have shape {list(like.shape)}, got {list(mask.shape)}")
-        if mask.device != like.device:
-            raise ValueError(f"{name} must be on {like.device}, got {mask.device}")
-        mask = mask.bool()
-        return None if bool(mask.all()) else mask
-
-    def _check_memory(self, memory: object, batch_size: int) -> Tensor:
-        if memory is None:
-            return self.init_memory(batch_size)
-        c = self.config
-        if not isinstance(memory, Tensor):
-            raise TypeError(f"memory must be a torch.Tensor or None, got {type(memory).__name__}")
-        expected = [batch_size, c.n_memory_slots, c.d_model]
-        if list(memory.shape) != expected:
-            raise ValueError(
-                f"memory must have shape {expected} [B, S, D], got {list(memory.shape)}"
-            )
-        if memory.dtype != c.memory_dtype:
-            raise TypeError(
-                f"memory must have dtype memory_dtype={c.memory_dtype}, got {memory.dtype}"
-            )
-        if memory.device != self.device:
-            raise ValueError(
-                f"memory must be on the model's device {self.device}, got {memory.device}"
-            )
-        return memory
-
-    def _check_resets(
-        self, name: str, resets: object, shape: list[int], meaning: str
-    ) -> Tensor | None:
-        """``resets`` is None or a bool tensor of exactly ``shape`` on the model's device."""
-        if resets is None:
-            return None
-        if not isinstance(resets, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(resets).__name__}")
-        if resets.dtype != torch.bool:
-            raise TypeError(
-                f"{name} must be a bool tensor (True = restart that row's memory), "
-                f"got {resets.dtype}"
-            )
-        if list(resets.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} {meaning}, got {list(resets.shape)}")
-        if resets.device != self.device:
-            raise ValueError(
-                f"{name} must be on the model's device {self.device}, got {resets.device}"
-            )
-        return resets
-
     def reset_memory(self, memory: Tensor, reset: Tensor) -> Tensor:
         """``memory [B, S, D]`` with the rows where ``reset [B]`` is True replaced by the initial
         memory ``M_0``: differentiable in both (the memory bias gets the gradient of the reset
         rows, ``memory`` that of the others), no host synchronisation."""
         return torch.where(reset[:, None, None], self.init_memory(memory.shape[0]), memory)
-
-    def _check_labels(self, labels: object, like: Tensor) -> Tensor:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
-        if labels.shape != like.shape:
-            raise ValueError(f"labels must have shape {list(like.shape)}, got {list(labels.shape)}")
-        if labels.device != like.device:
-            raise ValueError(f"labels must be on {like.device}, got {labels.device}")
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must be token ids in [0, {self.config.vocab_size}) or {IGNORE_INDEX}, "
-                f"got {labels[bad][0].item()}"
-            )
-        return labels.long()
 
     # ------------------------------------------------------------------ the two halves of a step
 
@@ -312,14 +202,6 @@ class Memformer(nn.Module):
         assert self.decoder_norm is not None
         return self.lm_head(self.decoder_norm(h))
 
-    def _shift_right(self, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Teacher forcing: ``[BOS, ids[:-1]]`` and the matching mask (BOS is always real)."""
-        bos = ids.new_full((ids.shape[0], 1), self.config.bos_token_id)
-        shifted = torch.cat([bos, ids[:, :-1].clamp_min(0)], dim=1)
-        if mask is None:
-            return shifted, None
-        return shifted, torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :-1]], dim=1)
-
     # ------------------------------------------------------------------ one segment
 
     def forward(
@@ -346,27 +228,27 @@ class Memformer(nn.Module):
         in that row of a packed batch; the other rows read ``memory`` as usual.
         """
         c = self.config
-        input_ids = self._check_ids("input_ids", input_ids, c.segment_length)
-        mask = self._check_mask("attention_mask", attention_mask, input_ids)
-        reset = self._check_resets("reset", reset, [input_ids.shape[0]], "[B]")
+        input_ids = check_ids(self, "input_ids", input_ids, c.segment_length)
+        mask = check_mask("attention_mask", attention_mask, input_ids)
+        reset = check_resets(self, "reset", reset, [input_ids.shape[0]], "[B]")
         given = memory is not None
-        memory = self._check_memory(memory, input_ids.shape[0])
+        memory = check_memory(self, memory, input_ids.shape[0])
         if reset is not None and given:  # without a memory every row starts from M_0 anyway
             memory = self.reset_memory(memory, reset)
         context, new_memory = self.read_segment(input_ids, memory, mask)
         logits = loss = None
         if self.is_encoder_decoder:
             if labels is not None:
-                labels = self._check_labels(labels, labels)
+                labels = check_labels(self, labels, labels)
                 if labels.shape[0] != input_ids.shape[0]:
                     raise ValueError(
                         f"labels must have batch size {input_ids.shape[0]}, got {labels.shape[0]}"
                     )
             if decoder_input_ids is None and labels is not None:
-                decoder_input_ids, _ = self._shift_right(labels, None)
+                decoder_input_ids, _ = shift_right(labels, None, c.bos_token_id)
             if decoder_input_ids is not None:
-                decoder_input_ids = self._check_ids(
-                    "decoder_input_ids", decoder_input_ids, c.segment_length
+                decoder_input_ids = check_ids(
+                    self, "decoder_input_ids", decoder_input_ids, c.segment_length
                 )
                 if decoder_input_ids.shape[0] != input_ids.shape[0]:
                     raise ValueError(
@@ -388,7 +270,7 @@ class Memformer(nn.Module):
                 )
             logits = self.decode(input_ids, context)
             if labels is not None:
-                labels = self._check_labels(labels, input_ids)
+                labels = check_labels(self, labels, input_ids)
                 targets = (
                     labels[:, 1:]
                     if mask is None
@@ -416,49 +298,7 @@ class Memformer(nn.Module):
         row ``b`` restarts from the initial memory before segment ``t`` where ``resets[b, t]``;
         it changes the memory only, not which tokens are scored.
         """
-        input_ids = self._check_ids("input_ids", input_ids)
-        mask = self._check_mask("attention_mask", attention_mask, input_ids)
-        L = self.config.segment_length
-        resets = self._check_resets(
-            "resets",
-            resets,
-            [input_ids.shape[0], -(-input_ids.shape[1] // L)],
-            f"[B, T] (one flag per segment of segment_length={L})",
-        )
-        labels = input_ids if labels is None else self._check_labels(labels, input_ids)
-        if mask is not None:
-            labels = labels.masked_fill(~mask, IGNORE_INDEX)
-        ids = list(input_ids.split(L, dim=1))
-        masks: list[Tensor | None] = (
-            list(mask.split(L, dim=1)) if mask is not None else [None] * len(ids)
-        )
-        if self.is_encoder_decoder:
-            step_labels = list(labels.split(L, dim=1))[1:] + [None]
-            shifted = [self._shift_right(i, m) for i, m in zip(ids[1:], masks[1:])] + [(None, None)]
-            decoder_inputs = [s[0] for s in shifted]
-            decoder_masks = [s[1] for s in shifted]
-        else:
-            nxt = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
-            step_labels = list(nxt.split(L, dim=1))
-            decoder_inputs = decoder_masks = [None] * len(ids)
-        counts = [0 if t is None else int((t != IGNORE_INDEX).sum()) for t in step_labels]
-        targets = [t if n > 0 else None for t, n in zip(step_labels, counts)]
-        if sum(counts) == 0:
-            reason = "every label is ignored or padded"
-            if self.is_encoder_decoder and len(ids) < 2:
-                reason = "the encoder-decoder model predicts segment t + 1: it needs two segments"
-            raise ValueError(f"the rollout has no token to predict: {reason}")
-        active = self.training and self.config.dropout > 0
-        seed = randomness.draw_rollout_seed() if active else None
-        columns: list[Tensor | None] | None = None
-        if resets is not None:  # one host sync per rollout: which segments reset any row
-            columns = [
-                resets[:, t] if any_reset else None
-                for t, any_reset in enumerate(resets.any(0).tolist())
-            ]
-        return Rollout(
-            ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed, columns
-        )
+        return _rollout.plan_rollout(self, input_ids, attention_mask, labels, resets=resets)
 
     def rollout_logits(
         self,
@@ -476,18 +316,7 @@ class Memformer(nn.Module):
         run). ``seed`` is the segment's dropout seed (:func:`randomness.segment_seed`); None draws
         from the global generators as they are.
         """
-        reset = None if rollout.resets is None else rollout.resets[t]
-        if reset is not None:
-            memory = self.reset_memory(memory, reset)
-        with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), self.device):
-            context, new_memory = self.read_segment(rollout.input_ids[t], memory, rollout.masks[t])
-        if not with_logits or rollout.targets[t] is None:
-            return None, new_memory
-        with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), self.device):
-            logits = self.decode(
-                rollout.decoder_inputs[t], context, rollout.masks[t], rollout.decoder_masks[t]
-            )
-        return logits, new_memory
+        return _rollout.rollout_logits(self, rollout, t, memory, seed, with_logits)
 
     def rollout_step(
         self,
@@ -503,17 +332,7 @@ class Memformer(nn.Module):
         count; it is None when ``with_loss`` is False or the step has nothing to predict. See
         :meth:`rollout_logits` for resets and ``seed``.
         """
-        logits, new_memory = self.rollout_logits(rollout, t, memory, seed, with_loss)
-        targets = rollout.targets[t]
-        if logits is None or targets is None:
-            return None, new_memory
-        loss_sum = F.cross_entropy(
-            _upcast(logits).flatten(0, 1),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss_sum / rollout.num_targets, new_memory
+        return _rollout.rollout_step(self, rollout, t, memory, seed, with_loss)
 
     def sequence_loss(
         self,
@@ -537,20 +356,12 @@ class Memformer(nn.Module):
         run of it, also set to -100 the labels a fresh run would not predict (decoder: the first
         token of the reset segment; encoder-decoder: the whole reset segment).
         """
-        rollout = self.plan_rollout(input_ids, attention_mask, labels, resets=resets)
-        memory = self._check_memory(memory, rollout.input_ids[0].shape[0])
-        total: Tensor | None = None
-        for t in range(len(rollout)):
-            seed = None if rollout.seed is None else randomness.segment_seed(rollout.seed, t)
-            loss, memory = self.rollout_step(rollout, t, memory, seed)
-            if loss is not None:
-                total = loss if total is None else total + loss
-        assert total is not None
-        return total, memory
+        return _rollout.sequence_loss(
+            self, input_ids, memory, attention_mask, labels, resets=resets
+        )
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
     def stream(
         self,
         prompt_ids: Tensor,
@@ -569,82 +380,18 @@ class Memformer(nn.Module):
         does not grow with the output. ``temperature=0`` is greedy decoding; otherwise sampling
         (optionally from the ``top_k`` most likely tokens). ``reset [B]`` (bool): the rows where it
         is True start from the initial memory instead of ``memory`` (their prompt begins a new
-        document).
+        document). No gradient is recorded.
         """
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 0
-        ):
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        prompt_ids = self._check_ids("prompt_ids", prompt_ids)
-        reset = self._check_resets("reset", reset, [prompt_ids.shape[0]], "[B]")
-        given = memory is not None
-        memory = self._check_memory(memory, prompt_ids.shape[0])
-        if reset is not None and given:
-            memory = self.reset_memory(memory, reset)
-        L = self.config.segment_length
-        chunks = list(prompt_ids.split(L, dim=1))
-        # A trailing partial chunk is the start of the segment being generated, except in the
-        # encoder-decoder model when it is the whole prompt: then it is a short context segment.
-        partial = chunks[-1].shape[1] < L and not (self.is_encoder_decoder and len(chunks) == 1)
-        current = chunks.pop() if partial else None
-        context: Tensor | None = None
-        for chunk in chunks:
-            context, memory = self.read_segment(chunk, memory)
-        bos = prompt_ids.new_full((prompt_ids.shape[0], 1), self.config.bos_token_id)
-        # The segment being generated lives in key/value caches (at most L positions), so each
-        # new token costs one position's work; complete segments are written and dropped.
-        if self.is_encoder_decoder:
-            assert context is not None
-            dec_caches = self._new_caches(pairs=True)
-            first = bos if current is None else torch.cat([bos, current], dim=1)
-            logits = self.decode(first, context, caches=dec_caches)[:, -1]
-        else:
-            caches = self._new_caches()
-            hidden: list[Tensor] = []  # the current segment's final hidden states, for the writer
-            if current is not None:
-                hidden.append(self._run_blocks(current, memory, caches=caches))
-                logits = self.lm_head(self.norm(hidden[-1][:, -1]))
-            else:
-                assert context is not None
-                logits = self.lm_head(context[:, -1])
-        length = 0 if current is None else current.shape[1]
-        for _ in range(max_new_tokens):
-            token = _sample(logits.float(), temperature, top_k, generator)
-            yield token
-            length += 1
-            if self.is_encoder_decoder:
-                current = (
-                    token[:, None] if current is None else torch.cat([current, token[:, None]], 1)
-                )
-                if length == L:  # segment complete: encode and write it, decode the next one
-                    context, memory = self.read_segment(current, memory)
-                    current, length = None, 0
-                    dec_caches = self._new_caches(pairs=True)
-                    logits = self.decode(bos, context, caches=dec_caches)[:, -1]
-                else:
-                    assert context is not None
-                    logits = self.decode(token[:, None], context, caches=dec_caches)[:, -1]
-            else:
-                hidden.append(self._run_blocks(token[:, None], memory, caches=caches))
-                logits = self.lm_head(self.norm(hidden[-1][:, -1]))
-                if length == L:  # segment complete: write it and start the next one
-                    memory = self.writer(memory, torch.cat(hidden, dim=1))
-                    caches, hidden, length = self._new_caches(), [], 0
-
-    def _new_caches(self, pairs: bool = False) -> list:
-        """Empty key/value caches: one per memory-reading block, or a (self, cross) pair per
-        decoder block."""
-        if pairs:
-            return [(KVCache(), KVCache()) for _ in self.decoder]
-        return [KVCache() for _ in self.blocks]
+        return generation.stream(
+            self,
+            prompt_ids,
+            max_new_tokens,
+            memory,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+            reset=reset,
+        )
 
     def generate(
         self,
@@ -659,10 +406,9 @@ class Memformer(nn.Module):
 
         See :meth:`stream` for the sampling options, ``reset [B]`` and the segmentation.
         """
-        tokens = list(self.stream(prompt_ids, max_new_tokens, memory, reset=reset, **sampling))
-        if not tokens:
-            return prompt_ids.new_empty(prompt_ids.shape[0], 0, dtype=torch.long)
-        return torch.stack(tokens, dim=1)
+        return generation.generate(
+            self, prompt_ids, max_new_tokens, memory, reset=reset, **sampling
+        )
 
 
 def _segment_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -676,22 +422,4 @@ def _segment_loss(logits: Tensor, targets: Tensor) -> Tensor:
             "labels: the segment has no token to predict (every label is -100 or padded by "
             "attention_mask), so its mean loss is undefined: leave labels out for this segment"
         )
-    return F.cross_entropy(_upcast(logits).flatten(0, 1), targets.flatten())
-
-
-def _upcast(logits: Tensor) -> Tensor:
-    """Cross-entropy in at least float32 (float64 stays float64)."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _sample(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> Tensor:
-    """Greedy (``temperature == 0``) or temperature / top-k sampling from ``logits [B, V]``."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten())

@@ -1,4 +1,4 @@
-"""Memory Replay Back-Propagation (SPEC section 4; the paper's Algorithm 1).
+"""Memory Replay Back-Propagation (the paper's Algorithm 1; docs/design.md).
 
 MRBP trains through a whole rollout while keeping the activations of one segment alive:
 
@@ -31,6 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import randomness
 from .model import Memformer
 from .replay import ReplayBuffer
+from .rollout import Rollout
+from .validation import check_memory
 
 NO_SEED = -1  # a replay-buffer entry whose segment draws no dropout
 
@@ -139,87 +141,115 @@ def backward(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
-    memory_in = net._check_memory(memory, batch_size) if memory is not None else None
+    memory_in = check_memory(net, memory, batch_size) if memory is not None else None
     seeds = [
         NO_SEED
         if rollout.seed is None or not preserve_rng
         else randomness.segment_seed(rollout.seed, t)
         for t in range(num_segments)
     ]
-
-    # 1. Critical path without grad: store M_0 .. M_{T-1}.
     c = net.config
     buffer = ReplayBuffer(
         num_segments, (batch_size, c.n_memory_slots, c.d_model), c.memory_dtype, net.device, offload
     )
+    final_memory = _critical_path(net, rollout, buffer, memory_in, seeds, ddp)
+    # The replay writes into fresh .grad tensors, merged with the old ones only on success.
+    params = [p for p in net.parameters() if p.requires_grad]
+    saved_grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss = _replay(net, rollout, buffer, memory_in, ddp)
+    except BaseException:
+        _restore(params, saved_grads)
+        raise
+    _merge(params, saved_grads)
+    if ddp is not None and ddp.require_backward_grad_sync:
+        _synchronize(ddp, net, params)
+    buffer.clear()
+    return MRBPResult(loss=loss, memory=final_memory, num_segments=num_segments)
+
+
+def _critical_path(
+    net: Memformer,
+    rollout: Rollout,
+    buffer: ReplayBuffer,
+    memory_in: Tensor | None,
+    seeds: list[int],
+    ddp: DistributedDataParallel | None,
+) -> Tensor:
+    """Step 1, without grad: push ``M_0 .. M_{T-1}`` and their seeds into ``buffer``; return
+    ``M_T``. A FloatingPointError names the first segment that writes a non-finite memory."""
+    num_segments = len(rollout)
     with torch.no_grad():
-        m = net.init_memory(batch_size) if memory_in is None else memory_in.detach()
+        m = net.init_memory(_batch_size(rollout)) if memory_in is None else memory_in.detach()
         finite = []
         for t in range(num_segments):
             buffer.push(m, seeds[t])
             _, m = net.rollout_step(rollout, t, m, _seed(seeds[t]), with_loss=False)
             finite.append(torch.isfinite(m).all())
-        final_memory = m
     bad_memory = _agree(ddp, _first_false(torch.stack(finite)), num_segments, net.device)
     if bad_memory < num_segments:
         raise FloatingPointError(
             f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
             f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
         )
+    return m
 
-    # 2. Replay backwards into fresh .grad tensors; merge with the old ones only on success.
-    params = [p for p in net.parameters() if p.requires_grad]
-    saved_grads = [p.grad for p in params]
-    for p in params:
-        p.grad = None
+
+def _replay(
+    net: Memformer,
+    rollout: Rollout,
+    buffer: ReplayBuffer,
+    memory_in: Tensor | None,
+    ddp: DistributedDataParallel | None,
+) -> Tensor:
+    """Step 2: replay the segments backwards, one backward call each, accumulating into
+    ``.grad``; return the rollout's loss (detached). A FloatingPointError names the first
+    segment whose loss is not finite; the caller's memory gets its gradient only after the
+    checks passed."""
+    num_segments, batch_size = len(rollout), _batch_size(rollout)
     losses: list[Tensor] = []
     loss_steps: list[int] = []
     grad_memory: Tensor | None = None
-    try:
-        for t in reversed(range(num_segments)):
-            if t > 0:
-                buffer.prefetch(t - 1)
-            if rollout.targets[t] is None and grad_memory is None:
-                continue  # nothing downstream depends on this segment (the last encoder step)
-            with torch.enable_grad():
-                m_t = _replay_input(net, buffer, t, memory_in, batch_size)
-                loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
-            outputs, grads = [], []
-            if loss is not None:
-                losses.append(loss.detach())
-                loss_steps.append(t)
-                outputs.append(loss)
-                grads.append(torch.ones_like(loss))
-            if grad_memory is not None:
-                outputs.append(m_next)
-                grads.append(grad_memory)
-            torch.autograd.backward(outputs, grads)
-            grad_memory = m_t.grad if m_t.is_leaf else None
-        stacked = torch.stack(losses)  # segments in reverse order
-        first_bad = _first_false(torch.isfinite(stacked.flip(0)))
-        bad_loss = loss_steps[::-1][first_bad] if first_bad < len(losses) else num_segments
-        bad_loss = _agree(ddp, bad_loss, num_segments, net.device)
-        if bad_loss < num_segments:
-            raise FloatingPointError(
-                f"mrbp.backward: the loss of segment {bad_loss} is not finite"
-                f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
-            )
-        # Only now, with every check passed, does the gradient leave the parameters: into the
-        # caller's memory (and whatever graph produced it).
-        if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
-            torch.autograd.backward(memory_in, grad_memory)
-    except BaseException:
-        _restore(params, saved_grads)
-        raise
-    for p, old in zip(params, saved_grads):
-        if old is not None and p.grad is not None:
-            p.grad = old.add_(p.grad)  # in place: a DDP bucket view stays a bucket view
-        elif old is not None:
-            p.grad = old
-    if ddp is not None and ddp.require_backward_grad_sync:
-        _synchronize(ddp, net, params)
-    buffer.clear()
-    return MRBPResult(loss=stacked.sum(), memory=final_memory, num_segments=num_segments)
+    for t in reversed(range(num_segments)):
+        if t > 0:
+            buffer.prefetch(t - 1)
+        if rollout.targets[t] is None and grad_memory is None:
+            continue  # nothing downstream depends on this segment (the last encoder step)
+        with torch.enable_grad():
+            m_t = _replay_input(net, buffer, t, memory_in, batch_size)
+            loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
+        outputs, grads = [], []
+        if loss is not None:
+            losses.append(loss.detach())
+            loss_steps.append(t)
+            outputs.append(loss)
+            grads.append(torch.ones_like(loss))
+        if grad_memory is not None:
+            outputs.append(m_next)
+            grads.append(grad_memory)
+        torch.autograd.backward(outputs, grads)
+        grad_memory = m_t.grad if m_t.is_leaf else None
+    stacked = torch.stack(losses)  # segments in reverse order
+    first_bad = _first_false(torch.isfinite(stacked.flip(0)))
+    bad_loss = loss_steps[::-1][first_bad] if first_bad < len(losses) else num_segments
+    bad_loss = _agree(ddp, bad_loss, num_segments, net.device)
+    if bad_loss < num_segments:
+        raise FloatingPointError(
+            f"mrbp.backward: the loss of segment {bad_loss} is not finite"
+            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
+        )
+    # Only now, with every check passed, does the gradient leave the parameters: into the
+    # caller's memory (and whatever graph produced it).
+    if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
+        torch.autograd.backward(memory_in, grad_memory)
+    return stacked.sum()
+
+
+def _batch_size(rollout: Rollout) -> int:
+    """The batch size of a rollout."""
+    return rollout.input_ids[0].shape[0]
 
 
 def _seed(stored: int) -> int | None:
@@ -298,6 +328,15 @@ def _synchronize(ddp: DistributedDataParallel, net: Memformer, params: list[nn.P
     with torch.enable_grad(), _forward_redirected(net, touch_every_parameter):
         out = ddp()
     out.backward()
+
+
+def _merge(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
+    """Add the gradients saved before the call back into the new ``.grad`` tensors."""
+    for p, old in zip(params, saved):
+        if old is not None and p.grad is not None:
+            p.grad = old.add_(p.grad)  # in place: a DDP bucket view stays a bucket view
+        elif old is not None:
+            p.grad = old
 
 
 def _restore(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:

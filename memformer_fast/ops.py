@@ -11,11 +11,11 @@ Triton), and ``register_fake`` gives their output shapes to fake and meta tensor
 Each op has two implementations, picked per call from the tensors' device:
 
 - CUDA (``register_kernel("cuda")``): the Triton launchers of :mod:`memformer_fast.kernels`.
-- Every other device (the default implementation): the same Triton launchers when the tensors are
-  on the CPU and ``TRITON_INTERPRET=1`` is set, which is how CI runs the whole op path (custom op,
-  autograd, kernels) without a GPU; otherwise PyTorch: :mod:`memformer_fast.reference` for the
-  forward and the explicit backward formulas below, so the ops run, compile and pass ``opcheck``
-  anywhere.
+- Every other device (the default implementation, which CUDA tensors never reach): the same
+  Triton launchers when the tensors are on the CPU and ``TRITON_INTERPRET=1`` is set, which is
+  how CI runs the whole op path (custom op, autograd, kernels) without a GPU; otherwise
+  PyTorch: :mod:`memformer_fast.reference` for the forward and the explicit backward formulas
+  below, so the ops run, compile and pass ``opcheck`` anywhere.
 
 The functions at the bottom are what :mod:`memformer_fast.functional` calls for
 ``backend="triton"``; their arguments are already validated there.
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .functional import interpreter_enabled, triton_available
-from .reference import accumulation_dtype, no_autocast
+from .backends import accumulation_dtype, interpreter_enabled, triton_available
+from .reference import no_autocast
 
 
 def _kernels():  # imported on first use: importing Triton is slow and optional off CUDA
@@ -37,11 +37,10 @@ def _kernels():  # imported on first use: importing Triton is slow and optional 
     return kernels
 
 
-def _use_triton(t: Tensor) -> bool:
-    """Kernels run natively on CUDA and through the interpreter on CPU tensors."""
-    return t.device.type == "cuda" or (
-        t.device.type == "cpu" and interpreter_enabled() and triton_available()
-    )
+def _interpreted(t: Tensor) -> bool:
+    """Whether a default implementation runs the kernels: on CPU tensors through the interpreter
+    (CUDA tensors never reach it: their implementation is ``register_kernel("cuda")``)."""
+    return t.device.type == "cpu" and interpreter_enabled() and triton_available()
 
 
 def _like(grad: Tensor, t: Tensor) -> Tensor:
@@ -72,7 +71,7 @@ def _read_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
 )
 def memory_read_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> (o [B, L, H, Dh], lse [B, H, L] float32)."""
-    if _use_triton(q):
+    if _interpreted(q):
         return _kernels().memory_read_fwd(q, k, v, scale)
     o = reference.memory_read_attention(q, k, v, scale).contiguous()
     return o, torch.logsumexp(_read_logits(q, k, scale), dim=-1)
@@ -113,7 +112,7 @@ def memory_read_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``."""
-    if _use_triton(q):
+    if _interpreted(q):
         return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
     return _read_bwd_reference(do, q, k, v, lse, scale)
 
@@ -198,7 +197,7 @@ def memory_write_fwd(
     The output is not rounded to the input dtype here: the backward needs the exact one (see
     :func:`memory_write_attention`, which rounds it).
     """
-    if _use_triton(q):
+    if _interpreted(q):
         return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
     ct = accumulation_dtype(q.dtype)
     o = reference.memory_write_attention(
@@ -286,7 +285,7 @@ def memory_write_bwd(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``."""
-    if _use_triton(q):
+    if _interpreted(q):
         return _kernels().memory_write_bwd(
             do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
         )
@@ -354,7 +353,7 @@ def gated_memory_update_fwd(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
     """memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]."""
-    if _use_triton(memory):
+    if _interpreted(memory):
         return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
     return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps).contiguous()
 
@@ -409,7 +408,7 @@ def gated_memory_update_bwd(
 ) -> list[Tensor]:
     """Gradients of :func:`gated_memory_update_fwd`: ``[d_memory, d_candidate, d_bias,
     d_gate_logits]``, or ``[d_candidate, d_bias]`` without a gate (the memory is then unused)."""
-    if _use_triton(memory):
+    if _interpreted(memory):
         return _gated_bwd_triton(dout, memory, candidate, bias, gate_logits, eps)
     return _gated_bwd_reference(dout, memory, candidate, bias, gate_logits, eps)
 
@@ -468,7 +467,8 @@ gated_memory_update_bwd.register_autograd(_refuse_double_backward)
 
 
 def memory_read_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Fused memory read (SPEC 2.1): q [B, L, H, Dh], k, v [B, S, H, Dh] -> [B, L, H, Dh]."""
+    """Fused memory read (design.md, "Memory read"): q [B, L, H, Dh], k, v [B, S, H, Dh]
+    -> [B, L, H, Dh]."""
     return memory_read_fwd(q, k, v, scale)[0]
 
 
@@ -482,8 +482,8 @@ def memory_write_attention(
     temperature: float,
     scale: float,
 ) -> Tensor:
-    """Fused memory write (SPEC 2.2): q, k_self, v_self [B, S, H, Dh], k, v [B, L, H, Dh],
-    token_mask [B, L] bool or None -> [B, S, H, Dh].
+    """Fused memory write (design.md, "Memory write"): q, k_self, v_self [B, S, H, Dh],
+    k, v [B, L, H, Dh], token_mask [B, L] bool or None -> [B, S, H, Dh].
 
     The op's float32 output is rounded here, outside it, so that its backward sees the unrounded
     output (a no-op for float32 inputs).
@@ -495,6 +495,6 @@ def memory_write_attention(
 def gated_memory_update(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
-    """Fused gated BMN update (SPEC 2.3): memory, candidate [B, S, D], bias [S, D],
+    """Fused gated BMN update (design.md, "Gated update"): memory, candidate [B, S, D], bias [S, D],
     gate_logits [B, S, D] or None -> [B, S, D]."""
     return gated_memory_update_fwd(memory, candidate, bias, gate_logits, eps)

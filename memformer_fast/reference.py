@@ -1,4 +1,5 @@
-"""The three Memformer operations in plain PyTorch: the executable specification (SPEC section 2).
+"""The three Memformer operations in plain PyTorch: the executable specification
+(docs/design.md, "The three operations").
 
 Every other implementation (the Triton kernels, the custom ops) is tested against these. They take
 ``[batch, length, heads, head_dim]`` tensors, accumulate in float32 (float64 stays float64) and
@@ -14,6 +15,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .backends import accumulation_dtype
+
 F = TypeVar("F", bound=Callable[..., object])
 
 
@@ -26,11 +29,6 @@ def no_autocast(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @no_autocast

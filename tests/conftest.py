@@ -19,16 +19,22 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _nan_filled_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``torch.empty`` returns NaN-filled floats, so an output a kernel forgets to write fails."""
-    real_empty = torch.empty
+    """``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` return NaN-filled floats, so
+    an output a kernel forgets to write (``o``, ``lse``, ``delta``, ``dv``, ``l_part``, ``dgate``,
+    ...) fails loudly instead of passing on whatever the allocator left there."""
 
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
+    def poisoned(allocate):  # type: ignore[no-untyped-def]
+        def allocate_nan(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t = allocate(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            return t
 
-    monkeypatch.setattr(torch, "empty", empty)
+        return allocate_nan
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
 
 
 @pytest.fixture

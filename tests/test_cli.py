@@ -12,8 +12,9 @@ import torch
 from testing_utils import CLI_TEXT, TINY_CLI, run
 
 from memformer_fast import Memformer, MemformerConfig, mrbp
-from memformer_fast.cli import main
-from memformer_fast.tasks import (
+from memformer_fast.app.cli import main
+from memformer_fast.app.data import VOCAB_SIZE, ByteData
+from memformer_fast.app.recall import (
     FIRST_KEY,
     MARKER_TOKEN,
     QUERY_TOKEN,
@@ -21,14 +22,7 @@ from memformer_fast.tasks import (
     curriculum,
     recall_accuracy,
 )
-from memformer_fast.training import (
-    VOCAB_SIZE,
-    ByteData,
-    Trainer,
-    TrainSettings,
-    load_checkpoint,
-    resumed_settings,
-)
+from memformer_fast.app.training import Trainer, TrainSettings, load_checkpoint, resumed_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -427,7 +421,8 @@ def test_generate_takes_any_prompt_bytes(checkpoint_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ab\ufffdc".encode()) and b"Traceback" not in proc.stderr
     proc.stdout.decode("utf-8")  # valid text
-    from memformer_fast.training import load_model, stream_bytes
+    from memformer_fast.app.evaluation import stream_bytes
+    from memformer_fast.app.training import load_model
 
     model = load_model(checkpoint_dir)
     expected = bytes(stream_bytes(model, b"ab\xffc\xe2\x82", 5, temperature=0.0))

@@ -19,21 +19,9 @@ import pytest
 import torch
 from testing_utils import TINY_CLI, run, tiny_model
 
-from memformer_fast.training import (
-    CARRIED,
-    PAD,
-    RESET,
-    ByteData,
-    RolloutInputs,
-    Trainer,
-    TrainSettings,
-    align_documents,
-    evaluate_documents,
-    load_checkpoint,
-    resumed_settings,
-    rollout_inputs,
-    token_nll,
-)
+from memformer_fast.app.data import PAD, ByteData, RolloutInputs, align_documents, rollout_inputs
+from memformer_fast.app.evaluation import CARRIED, RESET, evaluate_documents, token_nll
+from memformer_fast.app.training import Trainer, TrainSettings, load_checkpoint, resumed_settings
 
 ARCHS = ["encoder-decoder", "decoder"]
 FILES = [

@@ -24,7 +24,10 @@ from transformers import (  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from memformer_fast import Memformer, MemformerConfig, mrbp  # noqa: E402
-from memformer_fast.cli import main  # noqa: E402
+from memformer_fast.app.cli import main  # noqa: E402
+from memformer_fast.app.data import VOCAB_SIZE, ByteData  # noqa: E402
+from memformer_fast.app.training import Trainer as ByteTrainer  # noqa: E402
+from memformer_fast.app.training import TrainSettings  # noqa: E402
 from memformer_fast.hf import (  # noqa: E402
     MemformerCache,
     MemformerForCausalLM,
@@ -33,8 +36,6 @@ from memformer_fast.hf import (  # noqa: E402
     byte_tokenizer,
     stream_rollouts,
 )
-from memformer_fast.training import VOCAB_SIZE, ByteData, TrainSettings  # noqa: E402
-from memformer_fast.training import Trainer as ByteTrainer  # noqa: E402
 
 ARCHS = ("decoder", "encoder-decoder")
 V, L = 23, 5  # tiny_config's vocabulary and segment length
@@ -395,7 +396,7 @@ def test_export_cli_writes_a_folder_auto_classes_load(
     assert encoded[0].tolist() == list(prompt.encode())
     assert tokenizer.decode(encoded[0]) == prompt
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    from memformer_fast.training import load_model
+    from memformer_fast.app.training import load_model
 
     original = load_model(tmp_path / "run")
     out = loaded.generate(encoded, max_new_tokens=10, do_sample=False)

@@ -1,4 +1,5 @@
-"""Each Triton kernel against the reference: outputs and every gradient (SPEC section 6).
+"""Each Triton kernel against the reference: outputs and every gradient (docs/design.md,
+"Guarantees").
 
 Runs natively on CUDA, or on CPU tensors through ``TRITON_INTERPRET=1`` (set by conftest when there
 is no GPU): the interpreter is about 1000x slower than eager, so the shapes are tiny but odd (they

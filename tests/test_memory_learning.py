@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memformer_fast import Memformer, MemformerConfig, mrbp
-from memformer_fast.tasks import RecallTask, recall_accuracy
+from memformer_fast.app.recall import RecallTask, recall_accuracy
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The model (SPEC section 3): shapes, masks, conventions, state dicts and generation."""
+"""The model (docs/design.md, "The model"): shapes, masks, conventions, state dicts, generation."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def test_all_padding_segment_keeps_the_memory():
 
 
 def test_writer_self_value_is_the_raw_slot():
-    """A slot that attends only to itself is carried over unchanged before BMN (SPEC 3.3)."""
+    """A slot that attends only to itself is carried over unchanged before BMN (design.md,
+    "Memory write")."""
     torch.manual_seed(0)
     writer = MemoryWriter(8, 2, 3, gate=False, backend="reference")
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Model-level drop-in check: a tiny Memformer with ``backend="triton"`` (CUDA, or the interpreter
 on CPU) against ``backend="reference"`` sharing one state dict: the same loss and gradients of
-every parameter (SPEC 3.5 and 6), for both architectures, through a rollout of several segments
-(so the memory recurrence, the write's token mask and the gated update are all on the path)."""
+every parameter (docs/design.md, "Guarantees"), for both architectures, through a rollout of
+several segments (so the memory recurrence, the write's token mask and the gated update are all on
+the path)."""
 
 from __future__ import annotations
 

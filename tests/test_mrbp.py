@@ -1,4 +1,4 @@
-"""Memory Replay Back-Propagation (SPEC section 4) against full back-propagation through time."""
+"""Memory Replay Back-Propagation (docs/design.md) against full back-propagation through time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The reference operations against direct, loop-based formulas of SPEC section 2."""
+"""The reference operations against direct, loop-based formulas of docs/design.md,
+"The three operations"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The replay buffer extension ``memformer_fast._C`` (SPEC section 5, issue 4)."""
+"""The replay buffer extension ``memformer_fast._C`` (docs/design.md, "Public API"; issue 4)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from testing_utils import tiny_model
 
 from memformer_fast import functional, mrbp
-from memformer_fast.functional import triton_available
+from memformer_fast.backends import triton_available
 
 
 def test_mrbp_refuses_post_accumulate_grad_hooks() -> None:

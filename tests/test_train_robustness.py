@@ -17,14 +17,9 @@ import pytest
 import torch
 from testing_utils import CLI_TEXT, TINY_CLI, run
 
-from memformer_fast import training
-from memformer_fast.training import (
-    CheckpointWarning,
-    Trainer,
-    UserError,
-    load_checkpoint,
-    resumed_settings,
-)
+from memformer_fast.app import training
+from memformer_fast.app.errors import CheckpointWarning, UserError
+from memformer_fast.app.training import Trainer, load_checkpoint, resumed_settings
 
 TINY = [*TINY_CLI, "--threads", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -233,7 +228,8 @@ def test_divergence_keeps_the_last_checkpoint(
 
 def small_trainer(steps: int) -> Trainer:
     from memformer_fast import MemformerConfig
-    from memformer_fast.training import VOCAB_SIZE, ByteData, TrainSettings
+    from memformer_fast.app.data import VOCAB_SIZE, ByteData
+    from memformer_fast.app.training import TrainSettings
 
     cfg = MemformerConfig(
         vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,

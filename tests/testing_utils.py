@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from memformer_fast import Memformer, MemformerConfig
-from memformer_fast.cli import main
+from memformer_fast.app.cli import main
+from memformer_fast.presets import preset
 
 # A byte corpus for the command line's tests, and the flags of a model that trains in moments.
 CLI_TEXT = "".join(
@@ -25,18 +26,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-# The smallest useful model: two heads of width 8, two layers each side, reference backend.
-TINY_FIELDS: dict[str, Any] = dict(
-    vocab_size=23,
-    d_model=16,
-    n_heads=2,
-    d_ff=32,
-    n_encoder_layers=2,
-    n_decoder_layers=2,
-    n_memory_slots=3,
-    segment_length=5,
-    backend="reference",
-)
+# The smallest useful model (memformer_fast.presets "tiny").
+TINY_FIELDS: dict[str, Any] = preset("tiny")
 
 
 def tiny_config(architecture: str = "decoder", **overrides: Any) -> MemformerConfig:
@@ -51,6 +42,6 @@ def tiny_model(architecture: str = "decoder", seed: int = 0, **overrides: Any) -
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 (SPEC section 6)."""
+    """``||actual - expected|| / ||expected||`` in float64 (docs/design.md, "Guarantees")."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()

@@ -5,8 +5,9 @@
   ``PreTrainedModel`` with ``generate()``, ``save_pretrained`` / ``from_pretrained``;
 - :class:`MemformerCache`: the memory and the key/value caches of the segment being written;
 - :class:`MRBPTrainer`: a ``Trainer`` whose training step is ``mrbp.backward``;
-- :func:`byte_tokenizer`, :func:`export_checkpoint`: the byte-level tokenizer and the conversion
-  of a ``memformer-fast train`` checkpoint (``memformer-fast export``).
+- :func:`byte_tokenizer`: the byte-level tokenizer of ``memformer-fast train`` models (the
+  conversion of a checkpoint, ``memformer-fast export``, is the application's:
+  :mod:`memformer_fast.app.export`).
 
 Importing this module registers the ``"memformer"`` model type with ``AutoConfig`` and
 ``AutoModelForCausalLM``. The rest of the package never imports it.
@@ -25,8 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .cache import MemformerCache
 from .configuration import MODEL_TYPE, MemformerHFConfig
-from .export import byte_tokenizer, export_checkpoint
 from .modeling import MemformerForCausalLM, MemformerPreTrainedModel
+from .tokenizer import byte_tokenizer
 from .trainer import MRBPTrainer, stream_rollouts
 
 AutoConfig.register(MODEL_TYPE, MemformerHFConfig, exist_ok=True)
@@ -40,6 +41,5 @@ __all__ = [
     "MemformerHFConfig",
     "MemformerPreTrainedModel",
     "byte_tokenizer",
-    "export_checkpoint",
     "stream_rollouts",
 ]

@@ -11,7 +11,7 @@ constant memory.
 
 :func:`advance` feeds new tokens through the model and updates a cache in place; it reuses the
 model's own parts (``_run_blocks``, ``writer``, ``read_segment``, ``decode``, ``KVCache``), in
-the order ``Memformer.stream`` calls them.
+the order :func:`memformer_fast.generation.stream` calls them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import torch
 from torch import Tensor
 from transformers import Cache
 
+from ..generation import new_caches
 from ..layers import KVCache
 from ..model import Memformer
+from ..validation import check_memory
 
 
 class MemformerCache(Cache):
@@ -163,8 +165,8 @@ def advance(
             "unpadded prompts"
         )
     if cache.memory is None:
-        cache.memory = model._check_memory(memory, input_ids.shape[0])
-        cache.block_caches = model._new_caches()
+        cache.memory = check_memory(model, memory, input_ids.shape[0])
+        cache.block_caches = new_caches(model)
     elif input_ids.shape[0] != cache.memory.shape[0]:
         raise ValueError(
             f"input_ids must have the cache's batch size {cache.memory.shape[0]}, "
@@ -224,7 +226,7 @@ def _advance_decoder(
         if cache.length == L:  # segment complete: write it and start the next one
             segment_mask = _segment_mask(cache.masks, cache.segment_ids)
             cache.memory = model.writer(cache.memory, torch.cat(cache.hidden, 1), segment_mask)
-            cache.block_caches, cache.hidden, cache.masks = model._new_caches(), [], []
+            cache.block_caches, cache.hidden, cache.masks = new_caches(model), [], []
             cache.segment_ids, cache.length = [], 0
     return model.decode(None, model.norm(torch.cat(kept, dim=1)))
 
@@ -271,7 +273,7 @@ def _write_segment(model: Memformer, cache: MemformerCache) -> Tensor:
     segment_mask = _segment_mask(cache.masks, cache.segment_ids)
     cache.context, cache.memory = model.read_segment(segment, cache.memory, segment_mask)
     cache.context_mask = segment_mask
-    cache.decoder_caches = model._new_caches(pairs=True)
+    cache.decoder_caches = new_caches(model, pairs=True)
     cache.segment_ids, cache.masks, cache.length = [], [], 0
     bos = segment.new_full((segment.shape[0], 1), model.config.bos_token_id)
     return model.decode(bos, cache.context, segment_mask, caches=cache.decoder_caches)

@@ -10,34 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import torch
 from transformers import PretrainedConfig
 
-from ..config import MemformerConfig
+from ..config import DTYPE_FIELDS, MemformerConfig, dtype_name, parse_dtype
 
 MODEL_TYPE = "memformer"
 # vocab_size is the one MemformerConfig field without a default; the HF config needs one for
 # ``MemformerHFConfig()`` (the byte vocabulary of ``memformer-fast train``).
 DEFAULT_VOCAB_SIZE = 256
 FIELDS = {f.name: f for f in dataclasses.fields(MemformerConfig)}
-# The fields whose default is a torch.dtype: serialised as the dtype's name.
-DTYPE_FIELDS = frozenset(name for name, f in FIELDS.items() if isinstance(f.default, torch.dtype))
-
-
-def dtype_name(value: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(value).removeprefix("torch.")
-
-
-def parse_dtype(name: str, value: object) -> torch.dtype:
-    """A dtype field's value from a ``torch.dtype`` or its name (``"float32"``)."""
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str):
-        dtype = getattr(torch, value.removeprefix("torch."), None)
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    raise ValueError(f"MemformerHFConfig.{name} must be a torch.dtype or its name, got {value!r}")
 
 
 class MemformerHFConfig(PretrainedConfig):
@@ -86,7 +67,7 @@ class MemformerHFConfig(PretrainedConfig):
             else:
                 values[name] = DEFAULT_VOCAB_SIZE if name == "vocab_size" else None
         for name in DTYPE_FIELDS:
-            values[name] = parse_dtype(name, values[name])
+            values[name] = parse_dtype(f"MemformerHFConfig.{name}", values[name])
         MemformerConfig(**values)  # its validation: a bad field raises a ValueError naming it
         for name, value in values.items():
             setattr(self, name, dtype_name(value) if name in DTYPE_FIELDS else value)
@@ -97,7 +78,7 @@ class MemformerHFConfig(PretrainedConfig):
         be edited after construction)."""
         values = {name: getattr(self, name) for name in FIELDS}
         for name in DTYPE_FIELDS:
-            values[name] = parse_dtype(name, values[name])
+            values[name] = parse_dtype(f"MemformerHFConfig.{name}", values[name])
         return MemformerConfig(**values)
 
     @classmethod

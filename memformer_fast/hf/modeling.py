@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..layers import MemoryWriter, RotarySelfAttention, init_weights
 from ..model import IGNORE_INDEX, Memformer
+from ..validation import check_ids, check_labels, check_mask
 from .cache import MemformerCache, advance
 from .configuration import MemformerHFConfig
 
@@ -205,7 +206,7 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             raise TypeError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep}")
-        input_ids = m._check_ids("input_ids", input_ids)
+        input_ids = check_ids(m, "input_ids", input_ids)
         seen = 0 if state is None else state.get_seq_length()
         n = input_ids.shape[1]
         # transformers' convention: the mask may cover the cached tokens and the new ones.
@@ -213,9 +214,9 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
             if not bool(attention_mask[..., :seen].bool().all()):
                 raise ValueError("attention_mask: padding in cached tokens is not supported")
             attention_mask = attention_mask[..., seen:]
-        mask = m._check_mask("attention_mask", attention_mask, input_ids)
+        mask = check_mask("attention_mask", attention_mask, input_ids)
         if labels is not None:
-            labels = m._check_labels(labels, input_ids)
+            labels = check_labels(m, labels, input_ids)
         returned = state is not None or use_cache is not False
         state = MemformerCache() if state is None else state
         if memory is not None and state.memory is not None:

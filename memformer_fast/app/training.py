@@ -1,9 +1,8 @@
-"""Byte-level language modelling with MRBP: data, training loop, evaluation and checkpoints.
+"""Byte-level language modelling with MRBP: the settings, the training loop and checkpoints.
 
-The corpus (a file, or every text file under a folder) is one byte stream. The last part is held
-out; the rest is cut into ``batch_size`` contiguous streams that are read ``segments * L`` bytes
-at a time, so each rollout continues where the previous one stopped and the memory is carried
-from one rollout to the next (reset when the streams wrap around). The data position is a
+The data (:mod:`memformer_fast.app.data`) is read in rollouts that continue where the previous
+one stopped, and the memory is carried from one rollout to the next (reset when the streams wrap
+around). The data position is a
 function of the step, so a checkpoint needs only the step, the model, the optimizer, the carried
 memory and the random state to continue exactly where it stopped.
 
@@ -11,15 +10,14 @@ With ``reset_at_file_boundaries`` every file starts a segment (its last segment 
 memory restarts at each file's first segment, and no byte is predicted from another file: each
 file is modelled as a fresh run of the model would. ``memory_reset_every_segment`` trains the same
 model with its memory reset before every segment: the no-memory baseline at the same parameter
-count. :func:`evaluate_documents` measures bits per byte on held-out files with the memory carried
-and reset, and by position in the file.
+count. :func:`~memformer_fast.app.evaluation.evaluate_documents` measures bits per byte on
+held-out files with the memory carried and reset, and by position in the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import hashlib
 import io
 import math
@@ -31,7 +29,6 @@ import threading
 import time
 import warnings
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,23 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import mrbp
-from .config import MemformerConfig
-from .model import IGNORE_INDEX, Memformer
+from .. import mrbp
+from ..config import MemformerConfig
+from ..model import Memformer
+from .data import ByteData, RolloutInputs, rollout_inputs, streams
+from .errors import CheckpointWarning, UserError
+from .evaluation import token_nll
 
 CHECKPOINT_FORMAT = "memformer_fast.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
-VOCAB_SIZE = 256  # bytes; token 0 (NUL, absent from text) doubles as BOS
-
-
-class UserError(Exception):
-    """A problem with what the user gave (a path, a checkpoint, a flag): the message says what
-    and how to fix it; the CLI prints it on one line and exits with status 2."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint loads, but something about it deserves a word (no checksum: written by an
-    older version)."""
 
 
 # Signals that stop training like Ctrl-C: a checkpoint of the last completed step is saved.
@@ -73,244 +62,6 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-# ---------------------------------------------------------------------------------------- data
-
-
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
-
-
-def corpus_files(path: str | os.PathLike, pattern: str | None = None) -> Iterator[Path]:
-    """The text files of ``path``, lazily: the file itself, or the files under a folder (sorted,
-    hidden entries and ``__pycache__`` skipped, files with NUL bytes skipped as binary),
-    optionally only those whose name matches the glob ``pattern``."""
-    root = Path(path)
-    if not root.exists():
-        raise UserError(f"no such file or folder: {root}")
-    if root.is_file():
-        yield root
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(filenames):
-            if name.startswith(".") or (pattern and not fnmatch.fnmatch(name, pattern)):
-                continue
-            file = Path(dirpath, name)
-            with contextlib.suppress(OSError):
-                if file.is_file() and not _looks_binary(file):
-                    yield file
-
-
-def load_documents(
-    path: str | os.PathLike, pattern: str | None = None, max_bytes: int | None = None
-) -> list[bytes]:
-    """The bytes of each file of :func:`corpus_files`, in order, the first ``max_bytes`` in all
-    (files after those are not even opened; the last one may be cut)."""
-    documents, total = [], 0
-    for file in corpus_files(path, pattern):
-        try:
-            data = file.read_bytes()
-        except OSError as error:
-            raise UserError(f"cannot read {file}: {error.strerror or error}") from None
-        if max_bytes is not None:
-            data = data[: max_bytes - total]
-        documents.append(data)
-        total += len(data)
-        if max_bytes is not None and total >= max_bytes:
-            break
-    if not documents and Path(path).is_dir():
-        what = f" matching {pattern!r}" if pattern else ""
-        raise UserError(f"no text files{what} under {path}")
-    if not total:
-        raise UserError(f"{path} is empty: there is nothing to train on")
-    return documents
-
-
-def load_corpus(
-    path: str | os.PathLike, pattern: str | None = None, max_bytes: int | None = None
-) -> tuple[bytes, int]:
-    """The bytes of :func:`load_documents` concatenated and the number of files they come
-    from."""
-    documents = load_documents(path, pattern, max_bytes)
-    return b"".join(documents), len(documents)
-
-
-PAD = -1  # the offset of a padding byte in an aligned layout
-
-
-def align_documents(documents: list[bytes], segment_length: int) -> tuple[Tensor, Tensor]:
-    """Lay documents end to end, each starting a segment: ``(tokens [N], offsets [N])`` with
-    ``N`` a multiple of ``segment_length``. ``offsets`` is each byte's position in its document,
-    :data:`PAD` for the padding (token 0) that fills each document's last segment; empty
-    documents are dropped."""
-    tokens, offsets = [], []
-    for doc in documents:
-        if not doc:
-            continue
-        n = len(doc)
-        padded = -(-n // segment_length) * segment_length
-        tokens.append(torch.frombuffer(bytearray(doc), dtype=torch.uint8).long())
-        tokens.append(torch.zeros(padded - n, dtype=torch.long))
-        offsets.append(torch.arange(n, dtype=torch.int32))
-        offsets.append(torch.full((padded - n,), PAD, dtype=torch.int32))
-    if not tokens:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.int32)
-    return torch.cat(tokens), torch.cat(offsets)
-
-
-@dataclass(frozen=True)
-class ByteData:
-    """A corpus split into a training and a held-out part, as token tensors.
-
-    ``train_offsets``/``val_offsets`` (same length as the tokens) exist when the files are laid out
-    one per segment start (:func:`align_documents`): each byte's position in its file, -1 for
-    padding.
-    """
-
-    train: Tensor
-    val: Tensor
-    fingerprint: dict[str, int]
-    train_offsets: Tensor | None = None
-    val_offsets: Tensor | None = None
-
-    @classmethod
-    def from_bytes(cls, corpus: bytes, rollout_bytes: int, val_fraction: float) -> ByteData:
-        """Hold out ``val_fraction`` of the bytes (at least one rollout's worth) at the end."""
-        n_val = max(int(len(corpus) * val_fraction), rollout_bytes)
-        _check_size(len(corpus), n_val + rollout_bytes)
-        tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
-        return cls(
-            train=tokens[:-n_val],
-            val=tokens[-n_val:],
-            fingerprint={"bytes": len(corpus), "crc32": zlib.crc32(corpus)},
-        )
-
-    @classmethod
-    def from_documents(
-        cls, documents: list[bytes], segment_length: int, rollout_bytes: int, val_fraction: float
-    ) -> ByteData:
-        """Files aligned to segment starts (:func:`align_documents`); the last files, about
-        ``val_fraction`` of the bytes and at least one rollout, are held out (split at a file
-        start when one leaves a rollout to train on, else at a segment start)."""
-        corpus = b"".join(documents)
-        tokens, offsets = align_documents(documents, segment_length)
-        n_val = max(int(len(tokens) * val_fraction), rollout_bytes)
-        _check_size(len(tokens), n_val + rollout_bytes)
-        split = (len(tokens) - n_val) // segment_length * segment_length
-        # Move the split back to the last file start before it (whole files held out), as long as
-        # that holds out at most twice the share asked for and leaves a rollout to train on.
-        lowest = max(rollout_bytes, split - n_val // segment_length * segment_length)
-        starts = (offsets[lowest : split + 1 : segment_length] == 0).nonzero()
-        if len(starts):
-            split = lowest + int(starts[-1]) * segment_length
-        return cls(
-            train=tokens[:split],
-            val=tokens[split:],
-            fingerprint={"bytes": len(corpus), "crc32": zlib.crc32(corpus)},
-            train_offsets=offsets[:split],
-            val_offsets=offsets[split:],
-        )
-
-
-def _check_size(have: int, need: int) -> None:
-    if have < need:
-        raise UserError(
-            f"the corpus has {have:,} bytes; with these settings it needs at least "
-            f"{need:,} (one rollout of --segments x --segment-length bytes to "
-            "train on and one held out): give more text or smaller settings"
-        )
-
-
-def streams(tokens: Tensor, batch_size: int, rollout_bytes: int) -> Tensor:
-    """``[batch_size, rollouts, rollout_bytes]``: ``batch_size`` contiguous streams (fewer when
-    the data is too short), each cut into whole rollouts."""
-    batch_size = min(batch_size, len(tokens) // rollout_bytes)
-    per_stream = len(tokens) // batch_size // rollout_bytes * rollout_bytes
-    data = tokens[: batch_size * per_stream].view(batch_size, per_stream)
-    return data.view(batch_size, -1, rollout_bytes)
-
-
-@dataclass
-class RolloutInputs:
-    """What ``sequence_loss``/``mrbp.backward`` take besides the ids: ``[B, T*L]`` mask and
-    labels, ``[B, T]`` resets (each None when not needed)."""
-
-    attention_mask: Tensor | None = None
-    labels: Tensor | None = None
-    resets: Tensor | None = None
-
-
-def rollout_inputs(
-    model: Memformer,
-    ids: Tensor,
-    offsets: Tensor | None = None,
-    reset_every_segment: bool = False,
-) -> RolloutInputs:
-    """Mask, labels and resets of a rollout ``ids [B, T*L]`` of aligned documents.
-
-    With ``offsets`` (each byte's position in its document, -1 for padding): padding is masked,
-    the memory restarts at each document's first segment, and the targets a fresh run of the
-    document would not predict are ignored (decoder: its first byte, predicted from the previous
-    document; encoder-decoder: its first segment, decoded from the previous one's encoding).
-    ``reset_every_segment`` resets every row before every segment (the no-memory baseline), with
-    the same targets.
-    """
-    L = model.config.segment_length
-    out = RolloutInputs()
-    if offsets is not None:
-        offsets = offsets.to(ids.device)
-        mask = offsets != PAD
-        out.attention_mask = None if bool(mask.all()) else mask
-        not_fresh = offsets == 0 if not model.is_encoder_decoder else (offsets >= 0) & (offsets < L)
-        out.labels = ids.masked_fill(not_fresh, IGNORE_INDEX)
-        out.resets = offsets[:, ::L] == 0
-    if reset_every_segment:
-        out.resets = torch.ones(ids.shape[0], -(-ids.shape[1] // L), dtype=torch.bool)
-        out.resets = out.resets.to(ids.device)
-    return out
-
-
-@torch.no_grad()
-def token_nll(
-    model: Memformer,
-    input_ids: Tensor,
-    memory: Tensor | None = None,
-    inputs: RolloutInputs | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The negative log-likelihood (nats) of every token of a rollout ``[B, N]`` given what
-    precedes it, as ``sequence_loss`` scores it: ``(nll [B, N] float32, NaN where the token is
-    not predicted, M_T)``. No gradient; ``progress(1)`` is called after each segment."""
-    inputs = inputs or RolloutInputs()
-    rollout = model.plan_rollout(
-        input_ids, inputs.attention_mask, inputs.labels, resets=inputs.resets
-    )
-    memory = model._check_memory(memory, input_ids.shape[0])
-    pieces = []
-    for t in range(len(rollout)):
-        logits, memory = model.rollout_logits(rollout, t, memory)
-        targets = rollout.targets[t]
-        if logits is None or targets is None:
-            # the step's targets: the segment's successors (decoder), the next segment (enc-dec)
-            nxt = t + 1 if model.is_encoder_decoder else t
-            width = rollout.input_ids[nxt].shape[1] if nxt < len(rollout) else 0
-            pieces.append(torch.full((input_ids.shape[0], width), math.nan, device=memory.device))
-        else:
-            nll = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            pieces.append(nll.masked_fill(targets == IGNORE_INDEX, math.nan))
-        if progress is not None:
-            progress(1)
-    scored = torch.cat(pieces, dim=1)
-    # Re-index by the predicted token: the decoder's position i predicts token i + 1; the
-    # encoder-decoder's step t predicts segment t + 1, so the first segment is never predicted.
-    skip = rollout.input_ids[0].shape[1] if model.is_encoder_decoder else 1
-    head = scored.new_full((scored.shape[0], skip), math.nan)
-    return torch.cat([head, scored[:, : input_ids.shape[1] - skip]], dim=1), memory
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -364,18 +115,6 @@ DATA_LAYOUT = (
 )
 
 
-def config_to_dict(config: MemformerConfig) -> dict[str, Any]:
-    d = asdict(config)
-    d["memory_dtype"] = str(config.memory_dtype).removeprefix("torch.")
-    return d
-
-
-def config_from_dict(d: dict[str, Any]) -> MemformerConfig:
-    d = dict(d)
-    d["memory_dtype"] = getattr(torch, d["memory_dtype"])
-    return MemformerConfig(**d)
-
-
 # ----------------------------------------------------------------------------------- trainer
 
 
@@ -423,7 +162,7 @@ class Trainer:
         """The checkpoint's contents, with a ``checksum`` of everything else in it."""
         state = {
             "format": CHECKPOINT_FORMAT,
-            "config": config_to_dict(self.model.config),
+            "config": self.model.config.to_dict(),
             "settings": asdict(self.settings),
             "data": self.data.fingerprint,
             "step": self.step,
@@ -492,7 +231,7 @@ class Trainer:
                 f"{ckpt['data']['crc32']:08x}; now {data.fingerprint['bytes']:,} bytes, crc32 "
                 f"{data.fingerprint['crc32']:08x}): resume on the same files"
             )
-        config = config_from_dict(ckpt["config"])
+        config = MemformerConfig.from_dict(ckpt["config"])
         memory = ckpt["memory"]
         rollout = settings.segments * config.segment_length
         batch = streams(data.train, settings.batch_size, rollout).shape[0]
@@ -714,7 +453,7 @@ class Trainer:
 def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> MemformerConfig:
     """The checkpoint's model config; ``overrides`` (what the user asked for explicitly) must
     agree with it."""
-    config = config_from_dict(ckpt["config"])
+    config = MemformerConfig.from_dict(ckpt["config"])
     for name, value in overrides.items():
         if getattr(config, name) != value:
             raise UserError(
@@ -777,7 +516,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
     try:
-        config = config_from_dict(ckpt["config"])
+        config = MemformerConfig.from_dict(ckpt["config"])
         TrainSettings(**ckpt["settings"])
     except (TypeError, ValueError, AttributeError, KeyError, UserError) as error:
         raise UserError(f"{path} has an invalid config: {_first_line(error)}") from None
@@ -961,7 +700,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Memformer:
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> Memformer:
     """The model of a checkpoint loaded by :func:`load_checkpoint`, in eval mode."""
-    model = Memformer(config_from_dict(ckpt["config"])).to(device)
+    model = Memformer(MemformerConfig.from_dict(ckpt["config"])).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, KeyError) as error:
@@ -969,152 +708,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> Memforme
             f"{ckpt['path']} does not match its own config: {_first_line(error)}"
         ) from None
     return model.eval()
-
-
-# ------------------------------------------------------------------------ held-out evaluation
-
-# Buckets of "segment index within the file" (1-based) for the position table: powers of four.
-POSITION_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, None))
-CARRIED, RESET = "memory_carried", "memory_reset_every_segment"
-
-
-def _pack_rows(documents: list[bytes], rows: int, segment_length: int) -> tuple[Tensor, Tensor]:
-    """Documents aligned to segment starts and dealt into ``rows`` rows (longest first, each to
-    the shortest row so far; deterministic), padded to one length: ``(tokens, offsets)``, both
-    ``[rows, N]``, offsets -1 on padding."""
-    order = sorted(range(len(documents)), key=lambda i: (-len(documents[i]), i))
-    assigned: list[list[bytes]] = [[] for _ in range(rows)]
-    lengths = [0] * rows
-    for i in order:
-        row = min(range(rows), key=lambda r: (lengths[r], r))
-        assigned[row].append(documents[i])
-        lengths[row] += -(-len(documents[i]) // segment_length) * segment_length
-    laid = [align_documents(docs, segment_length) for docs in assigned if docs]
-    width = max(len(t) for t, _ in laid)
-    tokens = torch.zeros(len(laid), width, dtype=torch.long)
-    offsets = torch.full((len(laid), width), PAD, dtype=torch.int32)
-    for r, (t, o) in enumerate(laid):
-        tokens[r, : len(t)], offsets[r, : len(o)] = t, o
-    return tokens, offsets
-
-
-@torch.no_grad()
-def evaluate_documents(
-    model: Memformer,
-    documents: list[bytes],
-    batch_size: int = 16,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Bits per byte of ``model`` on held-out ``documents`` (each a file), twice: with the memory
-    carried from segment to segment (restarting at each file's start) and with the memory reset
-    before every segment; overall and by the index of the segment within its file
-    (:data:`POSITION_BUCKETS`), so the gain of the memory can be read against the context it had.
-
-    Both runs score exactly the same bytes: every byte but each file's first (decoder) or first
-    segment (encoder-decoder), which a fresh run never predicts. Returns a JSON-ready dict.
-    """
-    from tqdm.auto import tqdm
-
-    documents = [d for d in documents if d]
-    if not documents:
-        raise UserError("the held-out text is empty")
-    L = model.config.segment_length
-    if not model.is_encoder_decoder and all(len(d) == 1 for d in documents):
-        raise UserError("every file holds one byte: there is nothing to predict")
-    if model.is_encoder_decoder and all(len(d) <= L for d in documents):
-        raise UserError(
-            f"every file fits in one segment of {L} bytes: the encoder-decoder model predicts "
-            "a file's second segment onwards, so there is nothing to score"
-        )
-    tokens, offsets = _pack_rows(documents, batch_size, L)
-    tokens, offsets = tokens.to(model.device), offsets.to(model.device)
-    was_training = model.training
-    model.eval()
-    nll: dict[str, Tensor] = {}
-    bar = tqdm(
-        total=2 * (tokens.shape[1] // L),
-        unit="segment",
-        disable=None if progress else True,
-        dynamic_ncols=True,
-    )
-    try:
-        for name, every in ((CARRIED, False), (RESET, True)):
-            inputs = rollout_inputs(model, tokens, offsets, reset_every_segment=every)
-            nll[name] = token_nll(model, tokens, None, inputs, bar.update)[0].cpu()
-    finally:
-        bar.close()
-        model.train(was_training)
-    scored = ~nll[CARRIED].isnan()
-    position = offsets.cpu().long() // L + 1  # the predicted byte's segment within its file
-
-    def bits(name: str, where: Tensor) -> float:
-        return float(nll[name][where].double().sum()) / max(int(where.sum()), 1) / math.log(2)
-
-    buckets = []
-    for first, last in POSITION_BUCKETS:
-        where = scored & (position >= first)
-        if last is not None:
-            where &= position <= last
-        if bool(where.any()):
-            label = str(first) if first == last else f"{first}-{last}" if last else f"{first}+"
-            buckets.append(
-                {
-                    "segments": label,
-                    "first": first,
-                    "last": last,
-                    "bytes": int(where.sum()),
-                    CARRIED: bits(CARRIED, where),
-                    RESET: bits(RESET, where),
-                }
-            )
-    return {
-        "files": len(documents),
-        "bytes": sum(len(d) for d in documents),
-        "predicted_bytes": int(scored.sum()),
-        "segment_length": L,
-        "bits_per_byte": {CARRIED: bits(CARRIED, scored), RESET: bits(RESET, scored)},
-        "by_segment_in_file": buckets,
-    }
-
-
-def format_evaluation(report: dict[str, Any]) -> str:
-    """The table ``memformer-fast eval`` prints for a report of :func:`evaluate_documents`."""
-    rows = [("all segments", report["predicted_bytes"], *report["bits_per_byte"].values())]
-    rows += [
-        (f"segment{'' if b['first'] == b['last'] else 's'} {b['segments']}", b["bytes"],
-         b[CARRIED], b[RESET])
-        for b in report["by_segment_in_file"]
-    ]  # fmt: skip
-    lines = [
-        f"{'position in the file':<22}{'bytes':>11}{'memory carried':>17}{'memory reset':>15}"
-        f"{'memory gain':>20}"
-    ]
-    for label, n, carried, reset in rows:
-        gain = reset - carried
-        lines.append(
-            f"{label:<22}{n:>11,}{carried:>17.3f}{reset:>15.3f}{gain:>+12.3f} ({gain / reset:+.1%})"
-        )
-    return "\n".join(lines) + (
-        "\nbits per byte on held-out files; memory reset = the initial memory before every "
-        "segment; gain = reset - carried"
-    )
-
-
-def stream_bytes(
-    model: Memformer,
-    prompt: bytes,
-    max_bytes: int,
-    temperature: float = 0.8,
-    top_k: int | None = 40,
-    seed: int = 0,
-) -> Iterator[int]:
-    """Generate ``max_bytes`` bytes after ``prompt``, one at a time, in constant memory."""
-    if not prompt:
-        raise UserError("the prompt must not be empty")
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=model.device)
-    gen = torch.Generator(model.device).manual_seed(seed)
-    for token in model.stream(ids, max_bytes, temperature=temperature, top_k=top_k, generator=gen):
-        yield int(token[0])
 
 
 # ------------------------------------------------------------------------------ randomness

@@ -1,10 +1,10 @@
 """``memformer-fast`` (also ``python -m memformer_fast``): demo, train, eval, generate, export,
 info.
 
-A thin layer over :mod:`memformer_fast.tasks` and :mod:`memformer_fast.training`: it parses flags,
-turns a bad flag or a :class:`~memformer_fast.training.UserError` into a one-line message with
-exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number (130, 143, 129)
-after ``train`` has saved a resumable checkpoint.
+A thin layer over :mod:`memformer_fast.app.demo` and :mod:`memformer_fast.app.training`: it
+parses flags, turns a bad flag or a :class:`~memformer_fast.app.errors.UserError` into a one-line
+message with exit status 2, and Ctrl-C, SIGTERM or SIGHUP into status 128 + the signal's number
+(130, 143, 129) after ``train`` has saved a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import importlib
 import math
 import os
 import platform
@@ -24,8 +25,13 @@ from typing import Any, NoReturn
 
 import torch
 
-from . import __version__
-from .training import CHECKPOINT_NAME, CheckpointWarning, UserError
+from .. import __version__
+from ..config import ARCHITECTURES, BACKENDS, MemformerConfig
+from ..presets import preset
+from .data import VOCAB_SIZE, ByteData, load_documents
+from .demo import SIZES
+from .errors import CheckpointWarning, UserError
+from .training import CHECKPOINT_NAME, TrainSettings
 
 PROG = "memformer-fast"
 
@@ -117,7 +123,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tasks import DemoOptions, run_demo
+    from .demo import DemoOptions, run_demo
 
     device = _device(args.device)
     # The small model's operations are too small to split across threads: one thread is faster
@@ -136,8 +142,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         measure_memory=not args.no_memory_probe,
         out_dir=args.out,
     )
-    if options.num_segments < 2:
-        raise UserError(f"--segments must be >= 2, got {options.num_segments}")
     print(
         f"{PROG} demo: train a Memformer with MRBP to recall a key across "
         f"{options.num_segments} segments (seed {args.seed}, {device})",
@@ -153,17 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- train
 
 # The model of a new `train` run, as MemformerConfig fields; d_ff defaults to 4 * d_model.
-DEFAULT_MODEL: dict[str, Any] = dict(
-    architecture="decoder",
-    d_model=128,
-    n_heads=4,
-    n_decoder_layers=4,
-    n_encoder_layers=4,
-    n_memory_slots=16,
-    segment_length=64,
-    dropout=0.0,
-    backend="auto",
-)
+DEFAULT_MODEL: dict[str, Any] = preset("byte-lm")
 # Model flags -> config fields. Their argparse default is None ("not given"), so a resumed run can
 # tell a conflicting flag from a default.
 MODEL_FLAGS = {
@@ -203,16 +197,43 @@ def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
+def _new_run(
+    model_fields: dict[str, Any], overrides: dict[str, Any]
+) -> tuple[MemformerConfig, TrainSettings]:
+    """The config and settings of a new ``train`` run: the defaults with the given flags."""
+    fields = {**DEFAULT_MODEL, **model_fields}
+    fields.setdefault("d_ff", 4 * fields["d_model"])
+    try:
+        config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return config, TrainSettings(**overrides)
+
+
+def _byte_data(
+    documents: list[bytes], corpus: bytes, config: MemformerConfig, settings: TrainSettings
+) -> ByteData:
+    """The run's data: ``corpus`` (the ``documents`` joined) as one byte stream, or the documents
+    aligned to segments (``--reset-at-file-boundaries``), in rollouts the model can learn from
+    (the encoder-decoder predicts segment t + 1: two segments at least)."""
+    if config.architecture == "encoder-decoder" and settings.segments < 2:
+        raise UserError(
+            f"--segments must be >= 2 with --architecture encoder-decoder (segment t predicts "
+            f"segment t + 1), got {settings.segments}"
+        )
+    rollout_bytes = settings.segments * config.segment_length
+    if settings.reset_at_file_boundaries:
+        return ByteData.from_documents(
+            documents, config.segment_length, rollout_bytes, settings.val_fraction
+        )
+    return ByteData.from_bytes(corpus, rollout_bytes, settings.val_fraction)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import MemformerConfig
     from .training import (
-        VOCAB_SIZE,
-        ByteData,
         Trainer,
-        TrainSettings,
         check_output_dir,
         load_checkpoint,
-        load_documents,
         resumed_config,
         resumed_settings,
     )
@@ -226,8 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(out)  # before any work: a folder that cannot be written loses the run
     documents = load_documents(args.data, args.glob, args.max_bytes)
     corpus, n_files = b"".join(documents), len(documents)
-    if args.resume:
-        ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if args.resume else None
+    if ckpt is not None:
         config = resumed_config(ckpt, model_fields)
         settings = resumed_settings(ckpt, overrides)
     else:
@@ -235,26 +256,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(
                 f"{path} exists: pass --resume to continue that run, or choose another --out"
             )
-        fields = {**DEFAULT_MODEL, **model_fields}
-        fields.setdefault("d_ff", 4 * fields["d_model"])
-        try:
-            config = MemformerConfig(vocab_size=VOCAB_SIZE, **fields)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        settings = TrainSettings(**overrides)
-    if config.architecture == "encoder-decoder" and settings.segments < 2:
-        raise UserError(
-            f"--segments must be >= 2 with --architecture encoder-decoder (segment t predicts "
-            f"segment t + 1), got {settings.segments}"
-        )
-    rollout_bytes = settings.segments * config.segment_length
-    if settings.reset_at_file_boundaries:
-        data = ByteData.from_documents(
-            documents, config.segment_length, rollout_bytes, settings.val_fraction
-        )
-    else:
-        data = ByteData.from_bytes(corpus, rollout_bytes, settings.val_fraction)
-    if args.resume:
+        config, settings = _new_run(model_fields, overrides)
+    data = _byte_data(documents, corpus, config, settings)
+    if ckpt is not None:
         trainer = Trainer.resume(ckpt, data, settings, device)
     else:
         trainer = Trainer.create(config, data, settings, device)
@@ -295,13 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .training import (
-        evaluate_documents,
-        format_evaluation,
-        load_checkpoint,
-        load_documents,
-        model_from_checkpoint,
-    )
+    from .evaluation import evaluate_documents, format_evaluation
+    from .training import load_checkpoint, model_from_checkpoint
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -331,7 +330,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "checkpoint": ckpt["path"],
         "step": int(ckpt["step"]),
         "parameters": n_params,
-        "config": {k: v for k, v in vars(c).items() if k != "memory_dtype"},
+        "config": c.to_dict(),
         "text": [str(p) for p in args.text],
         "seconds": round(time.perf_counter() - start, 1),
         **report,
@@ -348,7 +347,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .training import load_model, stream_bytes
+    from .evaluation import stream_bytes
+    from .training import load_model
 
     device = _device(args.device)
     # One token at a time is too little work to split across threads: one is fastest on a CPU.
@@ -384,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import functional, replay
+    from .. import backends, replay
 
     try:
         import triton
@@ -409,17 +409,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(("cuda runtime", str(torch.version.cuda)))
     else:
         rows.append(("cuda", "not available"))
-    triton_ok = functional.triton_available()
+    triton_ok = backends.triton_available()
     kernels = (
         "available (CUDA)"
         if triton_ok and torch.cuda.is_available()
         else "available (CPU interpreter, TRITON_INTERPRET=1)"
-        if triton_ok and functional.interpreter_enabled()
+        if triton_ok and backends.interpreter_enabled()
         else "installed; needs CUDA (or TRITON_INTERPRET=1)"
         if triton_ok
         else "not available (pip install triton)"
     )
-    auto = functional.resolve_backend("auto", torch.device(_device("auto")))
+    auto = backends.resolve_backend("auto", torch.device(_device("auto")))
     rows += [
         ("backend reference", "available"),
         ("backend triton", kernels),
@@ -449,9 +449,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        from .hf import export_checkpoint
+        importlib.import_module("memformer_fast.hf")  # transformers is optional
     except ImportError:
         raise UserError('export needs transformers: pip install "memformer_fast[hf]"') from None
+    from .export import export_checkpoint
+
     out = export_checkpoint(args.checkpoint, args.out_dir)
     print(f"wrote {out}: AutoModelForCausalLM and AutoTokenizer load it (import memformer_fast.hf)")
     return 0
@@ -468,7 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_export_and_info(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` command."""
     demo = sub.add_parser(
         "demo",
         help="long-range recall: train with MRBP, compare with the memory reset (a few minutes)",
@@ -478,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--size",
-        choices=("small", "large"),
+        choices=tuple(SIZES),
         default="small",
         help="small: 16 segments, about two minutes on 2 CPU cores; large: a wider, deeper "
         "model on 32 segments of 32 tokens (a GPU is advised)",
@@ -502,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    demo.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    demo.add_argument("--backend", choices=BACKENDS, default="auto")
     demo.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 for --size small)")
     demo.add_argument("--out", default="runs/demo", help="folder for the plot and report.json")
     demo.add_argument(
@@ -513,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_train(sub: Any) -> None:
+    """The ``train`` command: data, model and run flags."""
     train = sub.add_parser(
         "train",
         help="train a byte-level language model on a text file or folder",
@@ -526,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/train", help="folder of checkpoint.pt")
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     g = train.add_argument_group("model (fixed once a run has started)")
-    g.add_argument("--architecture", choices=("decoder", "encoder-decoder"))
+    g.add_argument("--architecture", choices=sorted(ARCHITECTURES))
     g.add_argument("--d-model", type=POSITIVE, help=f"width (default {DEFAULT_MODEL['d_model']})")
     g.add_argument("--n-heads", type=POSITIVE, help=f"default {DEFAULT_MODEL['n_heads']}")
     g.add_argument(
@@ -542,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bytes per segment (default {DEFAULT_MODEL['segment_length']})",
     )
     g.add_argument("--dropout", type=_non_negative_float, help="default 0")
-    g.add_argument("--backend", choices=("auto", "reference", "triton"))
+    g.add_argument("--backend", choices=BACKENDS)
     t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
     t.add_argument("--batch-size", type=POSITIVE, help="parallel streams (default 8)")
     t.add_argument("--segments", type=POSITIVE, help="segments per MRBP rollout (default 4)")
@@ -575,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
+    """The ``eval`` command."""
     ev = sub.add_parser(
         "eval",
         help="bits per byte on held-out text: memory carried vs reset, by position in the file",
@@ -594,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub: Any) -> None:
+    """The ``generate`` command."""
     gen = sub.add_parser(
         "generate",
         help="stream text from a checkpoint",
@@ -610,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 on the CPU)")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_export_and_info(sub: Any) -> None:
+    """The ``export`` and ``info`` commands."""
     export = sub.add_parser(
         "export",
         help="convert a train checkpoint to a Hugging Face model folder (needs [hf])",
@@ -619,10 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
     export.add_argument("out_dir", metavar="DIR", help="output folder (new or empty)")
     export.set_defaults(func=cmd_export)
-
     info = sub.add_parser("info", help="versions, devices, backends and the compiled extension")
     info.set_defaults(func=cmd_info)
-    return parser
 
 
 def signal_name(signum: int) -> str:

@@ -1,0 +1,159 @@
+"""The long-range recall task behind ``memformer-fast demo``, and its evaluation.
+
+A sequence is ``T`` segments of ``L`` tokens. A key (one of ``num_keys`` tokens) sits at a random
+position of the first segment, every other token is a random distractor, and the sequence ends
+with a query token whose answer is the key. Only the answer is scored. Seen from the last segment
+alone the key is unknowable, so a model whose memory is reset at every segment can only guess
+(``1 / num_keys``); a model that remembers recalls it. A model learns it along a
+:func:`curriculum` of growing rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..model import IGNORE_INDEX, Memformer
+from ..rollout import shift_right
+
+QUERY_TOKEN = 1  # token 0 is the model's BOS and never appears in a sequence
+MARKER_TOKEN = 2
+FIRST_KEY = 3
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Token layout of the recall task: ``[BOS, QUERY, MARKER, keys..., other content...]``.
+
+    The key is one of ``num_keys`` tokens and follows a marker at a random place of the first
+    segment; every other position holds a random content token, keys included, so the key is known
+    only by the marker before it (a model must bind the two before it writes the key into memory).
+    """
+
+    segment_length: int = 16
+    num_keys: int = 8
+    num_distractors: int = 15
+
+    def __post_init__(self) -> None:
+        if self.segment_length < 2:
+            raise ValueError(f"segment_length must be >= 2, got {self.segment_length}")
+        if self.num_keys < 2 or self.num_distractors < 1:
+            raise ValueError("the recall task needs num_keys >= 2 and num_distractors >= 1")
+
+    @property
+    def vocab_size(self) -> int:
+        return FIRST_KEY + self.num_keys + self.num_distractors
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of a guess: what a model without memory can reach."""
+        return 1.0 / self.num_keys
+
+    def sample(
+        self,
+        batch_size: int,
+        num_segments: int,
+        *,
+        key_copies: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids [B, T*L], labels [B, T*L], keys [B])`` on the CPU.
+
+        ``key_copies`` marker-key pairs sit in the first segment (more copies make an easier task;
+        one is the task itself). ``labels`` are -100 except the last position, whose label is the
+        key: the query (second to last token) predicts it.
+        """
+        L = self.segment_length
+        if num_segments < 2:
+            raise ValueError(f"num_segments must be >= 2, got {num_segments}")
+        if not 1 <= key_copies <= L // 2:
+            raise ValueError(f"key_copies must be in [1, {L // 2}], got {key_copies}")
+        ids = torch.randint(
+            FIRST_KEY, self.vocab_size, (batch_size, num_segments * L), generator=generator
+        )
+        last_key = FIRST_KEY + self.num_keys
+        keys = torch.randint(FIRST_KEY, last_key, (batch_size,), generator=generator)
+        if key_copies == 1:
+            markers = torch.randint(0, L - 1, (batch_size, 1), generator=generator)
+        else:  # distinct pairs (2i, 2i + 1)
+            pairs = torch.rand(batch_size, L // 2, generator=generator).argsort(dim=1)
+            markers = 2 * pairs[:, :key_copies]
+        ids[:, :L].scatter_(1, markers, MARKER_TOKEN)
+        ids[:, :L].scatter_(1, markers + 1, keys[:, None].expand_as(markers))
+        ids[:, -2] = QUERY_TOKEN
+        ids[:, -1] = keys
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, -1] = keys
+        return ids, labels, keys
+
+
+@torch.no_grad()
+def recall_accuracy(
+    model: Memformer,
+    input_ids: Tensor,
+    keys: Tensor,
+    *,
+    reset_memory: bool = False,
+    batch_size: int = 256,
+) -> float:
+    """Fraction of sequences whose query the model answers with the key (greedy).
+
+    The decoder reads the last segment with the memory of the ones before; the encoder-decoder
+    decodes the last segment from the encoding of the one before it (which read the memory of the
+    earlier ones). ``reset_memory=True`` gives that last step the initial memory: it then sees no
+    trace of the first segment (for rollouts of three segments or more), so only its own forward
+    pass is needed.
+    """
+    was_training = model.training
+    model.eval()
+    L = model.config.segment_length
+    encoder_decoder = model.config.architecture == "encoder-decoder"
+    context_segments = 2 if encoder_decoder else 1
+    correct = 0
+    try:
+        for ids, key in zip(input_ids.split(batch_size), keys.split(batch_size)):
+            ids = ids.to(model.device)
+            segments = ids.split(L, dim=1)
+            memory = None
+            if not reset_memory:
+                memory = model.init_memory(len(ids))
+                for segment in segments[:-context_segments]:
+                    _, memory = model.read_segment(segment, memory)
+            if encoder_decoder:
+                decoder_input_ids, _ = shift_right(segments[-1], None, model.config.bos_token_id)
+                out = model(segments[-2], memory=memory, decoder_input_ids=decoder_input_ids)
+            else:
+                out = model(segments[-1], memory=memory)
+            assert out.logits is not None
+            correct += int((out.logits[:, -2].argmax(-1).cpu() == key).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(input_ids)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A curriculum stage: ``steps`` updates on rollouts of ``num_segments`` segments."""
+
+    num_segments: int
+    key_copies: int
+    steps: int
+
+
+def curriculum(num_segments: int, steps_per_stage: int, key_copies: int = 1) -> list[Stage]:
+    """Rollouts doubled from 2 segments up to ``num_segments``, a single key throughout.
+
+    ``steps_per_stage`` updates per stage, twice as many on the target length. ``key_copies > 1``
+    adds a first stage of two segments with that many marker-key pairs (an easier start; the
+    defaults learn without it, docs/memory_learning.md).
+    """
+    n = steps_per_stage
+    stages = [Stage(2, key_copies, n)] if key_copies > 1 else []
+    t = 2
+    while t < num_segments:
+        stages.append(Stage(t, 1, n))
+        t *= 2
+    stages.append(Stage(num_segments, 1, 2 * n))
+    return stages
