@@ -1,7 +1,7 @@
 """Does the memory learn? Single-key recall from the defaults, for ablations and the seed matrix.
 
 One run trains a small Memformer with :func:`memformer_fast.mrbp.backward` on the recall task of
-:mod:`memformer_fast.tasks` (a marker, then the key, at a random place of the first segment;
+:mod:`memformer_fast.app.recall` (a marker, then the key, at a random place of the first segment;
 random content tokens, keys included, everywhere else; the query ends the last segment) along a
 curriculum over the number of segments only, with AdamW and gradient clipping, and writes its
 learning curve and final accuracies (T = 8, T = 16 never trained on, memory reset) as JSON.

@@ -1,4 +1,4 @@
-"""Memformer's building blocks as drop-in ``nn.Module``s (SPEC 3.2 and 3.3).
+"""Memformer's building blocks as drop-in ``nn.Module``s (docs/design.md, "The three operations").
 
 Every block is pre-LayerNorm with a residual around each sublayer. Hidden states are
 ``[B, L, D]``; the memory is ``[B, S, D]``. The memory reader and writer are public layers a user
@@ -379,7 +379,8 @@ class MemoryReader(nn.Module):
 
 
 class MemoryWriter(nn.Module):
-    """Writes a segment into the memory (SPEC 3.3) and owns the memory's initial state.
+    """Writes a segment into the memory and owns the memory's initial state ("Memory write" in
+    docs/design.md).
 
     Each slot attends over itself (key from its normalised slot, value the raw slot) and the
     segment's tokens; the result is gated against the old slot, the bias is added and every slot is
@@ -475,7 +476,8 @@ class MemoryWriter(nn.Module):
 class MemoryBlock(nn.Module):
     """Self-attention, memory reader, feed-forward (each pre-LN with residual).
 
-    Bidirectional in the encoder; causal in the decoder-only architecture (SPEC 3.4).
+    Bidirectional in the encoder; causal in the decoder-only architecture (docs/design.md,
+    "The model").
 
     ``forward(h: [B, L, D], memory: [B, S, D], mask) -> [B, L, D]``; ``mask`` from
     :func:`attention_mask_2d`.

@@ -1,4 +1,6 @@
-"""The MRBP replay buffer (SPEC section 5): the Python face of the extension ``memformer_fast._C``.
+"""The MRBP replay buffer: the Python face of the extension ``memformer_fast._C``.
+
+What MRBP keeps and replays: docs/design.md, "Memory Replay Back-Propagation".
 
 All the work (storage, copies, streams and events, argument checks) happens in C++ (``csrc/``);
 this module loads the extension, refuses a missing or stale build with an ``ImportError`` that says
