@@ -76,21 +76,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     stages = [(i, n) for i, (updates, n) in enumerate(schedule) for _ in range(updates)]
     last_stage_start = len(stages) - schedule[-1][0]
     stopped_early = False
+    peak_loss = peak_norm = 0.0  # the largest since the last evaluation
     try:
         for stage, num_segments in stages:
             ids, labels, _ = task.sample(args.batch_size, num_segments, generator=batches)
             opt.zero_grad(set_to_none=True)
             result = mrbp.backward(model, ids, labels=labels)
-            if args.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            # The norm before clipping (inf: measured, not clipped): spikes announce a collapse.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or float("inf"))
             opt.step()
             step += 1
+            peak_loss, peak_norm = max(peak_loss, float(result.loss)), max(peak_norm, float(norm))
             if step % args.eval_every:
                 continue
             acc8, acc16 = (recall_accuracy(model, probes[t][0], probes[t][2]) for t in (8, 16))
             seconds = time.perf_counter() - start
             curve.append(dict(step=step, segments=num_segments, loss=float(result.loss),
+                              peak_loss=peak_loss, peak_grad_norm=peak_norm,
                               acc8=acc8, acc16=acc16, seconds=seconds))  # fmt: skip
+            peak_loss = peak_norm = 0.0
             print(json.dumps(curve[-1]), flush=True)
             above = above + 1 if acc8 >= args.stop_at else 0
             # Reached and held on the last stage: the rest of the budget would only confirm it
