@@ -30,6 +30,7 @@ from .utils import (
     acc_dtype,
     attention_tiles,
     head_dim_tile,
+    softmax_bwd_dq_tile,
     softmax_bwd_kv_tile,
     split_reduction,
 )
@@ -230,14 +231,7 @@ def memory_read_bwd_dq_kernel(
                 b_q, b_do, b_lse, k, v, stride_ks, stride_kd, stride_vs, stride_vd, i_s, S, Dh, scale,
                 BLOCK_S, BLOCK_D, ACC_DTYPE,
             )  # fmt: skip
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq = tl.dot(
-                b_ds.to(b_kT.dtype),
-                tl.trans(b_kT),
-                b_dq,
-                input_precision=DOT_PRECISION,
-                out_dtype=ACC_DTYPE,
-            )
+            b_dq = softmax_bwd_dq_tile(b_p, b_dp, b_delta, b_kT, b_dq, ACC_DTYPE)
 
     tl.store(delta + i_bh * L + o_l, b_delta, mask=m_l)
     p_dq = dq + o_l[:, None] * stride_dql + o_d[None, :] * stride_dqd

@@ -34,6 +34,7 @@ from .utils import (
     acc_dtype,
     attention_tiles,
     head_dim_tile,
+    softmax_bwd_dq_tile,
     softmax_bwd_kv_tile,
     split_reduction,
 )
@@ -377,14 +378,7 @@ def memory_write_bwd_dq_kernel(
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * logit_scale
         b_p = tl.where(m_l[None, :], tl.exp(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do.to(b_vT.dtype), b_vT, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq = tl.dot(
-            b_ds.to(b_kT.dtype),
-            tl.trans(b_kT),
-            b_dq,
-            input_precision=DOT_PRECISION,
-            out_dtype=ACC_DTYPE,
-        )
+        b_dq = softmax_bwd_dq_tile(b_p, b_dp, b_delta, b_kT, b_dq, ACC_DTYPE)
 
     p_dq = dq + o_s[:, None] * stride_dqs + o_d[None, :] * stride_dqd
     tl.store(p_dq, (b_dq * logit_scale).to(dq.dtype.element_ty), mask=m_sd)

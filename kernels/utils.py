@@ -146,6 +146,24 @@ def softmax_bwd_kv_tile(
     return b_dk, b_dv
 
 
+@triton.jit
+def softmax_bwd_dq_tile(b_p, b_dp, b_delta, b_kT, b_dq, ACC_DTYPE: tl.constexpr):
+    """One tile of an attention backward's dq loop, queries as rows (read and write alike).
+
+    b_p, b_dp: [BLOCK_Q, BLOCK_K] (probabilities and dO V^T); b_delta: [BLOCK_Q]; b_kT:
+    [BLOCK_D, BLOCK_K] (keys transposed). Returns ``b_dq + dS k`` with ``dS = P * (dP - delta)``
+    rounded to the input dtype before the matmul; dq is still to be multiplied by scale.
+    """
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return tl.dot(
+        b_ds.to(b_kT.dtype),
+        tl.trans(b_kT),
+        b_dq,
+        input_precision=DOT_PRECISION,
+        out_dtype=ACC_DTYPE,
+    )
+
+
 def head_dim_tile(op: str, Dh: int) -> int:
     """``BLOCK_D`` of an attention kernel of ``op``; a ValueError beyond ``MAX_HEAD_DIM``."""
     if Dh > MAX_HEAD_DIM:
