@@ -152,22 +152,21 @@ def backward(
     buffer = ReplayBuffer(
         num_segments, (batch_size, c.n_memory_slots, c.d_model), c.memory_dtype, net.device, offload
     )
-    final_memory = _critical_path(net, rollout, buffer, memory_in, seeds, ddp)
-    # The replay writes into fresh .grad tensors, merged with the old ones only on success.
+    final_memory, memory_probes = _critical_path(net, rollout, buffer, memory_in, seeds)
+    # The replay collects the gradients in tensors of its own, merged into .grad only on success.
     params = [p for p in net.parameters() if p.requires_grad]
-    saved_grads = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss = _replay(net, rollout, buffer, memory_in, ddp)
-    except BaseException:
-        _restore(params, saved_grads)
-        raise
-    _merge(params, saved_grads)
+    losses, grad_memory, grads = _replay(net, rollout, buffer, memory_in, params)
+    loss = torch.stack(losses.values)  # segments in reverse order
+    _check_finite(rollout, memory_probes, losses.steps, loss, ddp, net.device)
+    # Only now, with every check passed, does the gradient leave the call: into .grad, and into
+    # the caller's memory (and whatever graph produced it).
+    _merge(params, grads)
+    if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
+        torch.autograd.backward(memory_in, grad_memory)
     if ddp is not None and ddp.require_backward_grad_sync:
         _synchronize(ddp, net, params)
     buffer.clear()
-    return MRBPResult(loss=loss, memory=final_memory, num_segments=num_segments)
+    return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=num_segments)
 
 
 def _critical_path(
@@ -176,25 +175,26 @@ def _critical_path(
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
     seeds: list[int],
-    ddp: DistributedDataParallel | None,
-) -> Tensor:
+) -> tuple[Tensor, list[Tensor]]:
     """Step 1, without grad: push ``M_0 .. M_{T-1}`` and their seeds into ``buffer``; return
-    ``M_T``. A FloatingPointError names the first segment that writes a non-finite memory."""
-    num_segments = len(rollout)
+    ``M_T`` and, per segment, the min and max of the memory it wrote (NaN and infinities
+    propagate into them, and unlike a sum they cannot overflow), read after the replay."""
+    probes: list[Tensor] = []
     with torch.no_grad():
         m = net.init_memory(_batch_size(rollout)) if memory_in is None else memory_in.detach()
-        finite = []
-        for t in range(num_segments):
+        for t in range(len(rollout)):
             buffer.push(m, seeds[t])
             _, m = net.rollout_step(rollout, t, m, _seed(seeds[t]), with_loss=False)
-            finite.append(torch.isfinite(m).all())
-    bad_memory = _agree(ddp, _first_false(torch.stack(finite)), num_segments, net.device)
-    if bad_memory < num_segments:
-        raise FloatingPointError(
-            f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
-            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
-        )
-    return m
+            probes.extend(torch.aminmax(m))
+    return m, probes
+
+
+@dataclass
+class _Losses:
+    """The replay's losses: ``values`` in reverse segment order, ``steps`` their segments."""
+
+    values: list[Tensor]
+    steps: list[int]
 
 
 def _replay(
@@ -202,16 +202,16 @@ def _replay(
     rollout: Rollout,
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
-    ddp: DistributedDataParallel | None,
-) -> Tensor:
-    """Step 2: replay the segments backwards, one backward call each, accumulating into
-    ``.grad``; return the rollout's loss (detached). A FloatingPointError names the first
-    segment whose loss is not finite; the caller's memory gets its gradient only after the
-    checks passed."""
+    params: list[nn.Parameter],
+) -> tuple[_Losses, Tensor | None, list[Tensor | None]]:
+    """Step 2: replay the segments backwards, one ``autograd.grad`` call each; return the losses,
+    ``G_0`` (None when ``M_0`` needs none) and the parameters' gradients summed over the segments
+    (None for a parameter no segment reached). Nothing is written into any ``.grad``."""
     num_segments, batch_size = len(rollout), _batch_size(rollout)
-    losses: list[Tensor] = []
-    loss_steps: list[int] = []
+    losses = _Losses([], [])
+    acc: list[Tensor | None] = [None] * len(params)
     grad_memory: Tensor | None = None
+    one: Tensor | None = None  # d loss / d loss, made once per rollout
     for t in reversed(range(num_segments)):
         if t > 0:
             buffer.prefetch(t - 1)
@@ -220,31 +220,68 @@ def _replay(
         with torch.enable_grad():
             m_t = _replay_input(net, buffer, t, memory_in, batch_size)
             loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
-        outputs, grads = [], []
+        outputs, seeds = [], []
         if loss is not None:
-            losses.append(loss.detach())
-            loss_steps.append(t)
+            losses.values.append(loss.detach())
+            losses.steps.append(t)
+            one = torch.ones_like(loss) if one is None else one
             outputs.append(loss)
-            grads.append(torch.ones_like(loss))
+            seeds.append(one)
         if grad_memory is not None:
             outputs.append(m_next)
-            grads.append(grad_memory)
-        torch.autograd.backward(outputs, grads)
-        grad_memory = m_t.grad if m_t.is_leaf else None
-    stacked = torch.stack(losses)  # segments in reverse order
-    first_bad = _first_false(torch.isfinite(stacked.flip(0)))
-    bad_loss = loss_steps[::-1][first_bad] if first_bad < len(losses) else num_segments
-    bad_loss = _agree(ddp, bad_loss, num_segments, net.device)
+            seeds.append(grad_memory)
+        leaf = m_t.is_leaf and m_t.requires_grad
+        inputs = [*params, m_t] if leaf else params
+        got = torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)
+        grad_memory = got[-1] if leaf else None
+        _accumulate(acc, params, got[: len(params)])
+    return losses, grad_memory, acc
+
+
+def _accumulate(
+    acc: list[Tensor | None], params: list[nn.Parameter], got: tuple[Tensor | None, ...]
+) -> None:
+    """``acc[i] += got[i]`` with one ``_foreach_add_`` (in the order ``AccumulateGrad`` would
+    add, so the sums are bit-identical); a first gradient is copied in the parameter's layout
+    (the one autograd returned may be an expanded view, or shared with another input)."""
+    pairs = [(a, g) for a, g in zip(acc, got) if a is not None and g is not None]
+    if pairs:
+        torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+    for i, g in enumerate(got):
+        if acc[i] is None and g is not None:
+            p = params[i]
+            acc[i] = g.clone() if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
+def _check_finite(
+    rollout: Rollout,
+    memory_probes: list[Tensor],
+    loss_steps: list[int],
+    losses: Tensor,
+    ddp: DistributedDataParallel | None,
+    device: torch.device,
+) -> None:
+    """Raise FloatingPointError naming the first segment whose memory (first) or loss is not
+    finite, with one host read for both; under DDP every rank raises when any rank would."""
+    num_segments = len(rollout)
+    flags = torch.isfinite(torch.cat([torch.stack(memory_probes), losses]))
+    finite = flags.tolist()
+    memory_ok = [finite[2 * t] and finite[2 * t + 1] for t in range(num_segments)]
+    bad_memory = memory_ok.index(False) if False in memory_ok else num_segments
+    bad_memory = _agree(ddp, bad_memory, num_segments, device)
+    if bad_memory < num_segments:
+        raise FloatingPointError(
+            f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
+            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
+        )
+    loss_ok = finite[2 * num_segments :]
+    bad = [t for t, ok in zip(loss_steps, loss_ok) if not ok]
+    bad_loss = _agree(ddp, min(bad, default=num_segments), num_segments, device)
     if bad_loss < num_segments:
         raise FloatingPointError(
             f"mrbp.backward: the loss of segment {bad_loss} is not finite"
             f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
         )
-    # Only now, with every check passed, does the gradient leave the parameters: into the
-    # caller's memory (and whatever graph produced it).
-    if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
-        torch.autograd.backward(memory_in, grad_memory)
-    return stacked.sum()
 
 
 def _batch_size(rollout: Rollout) -> int:
@@ -268,12 +305,6 @@ def _replay_input(
     if t == 0 and memory_in is not None and not memory_in.requires_grad:
         return buffer.get(0)
     return buffer.get(t).requires_grad_()
-
-
-def _first_false(flags: Tensor) -> int:
-    """Index of the first False in a 1-D bool tensor, ``len(flags)`` if none (one host sync)."""
-    bad = (~flags).nonzero()
-    return int(bad[0]) if bad.numel() else flags.numel()
 
 
 _ON_A_RANK = " on at least one DDP rank"
@@ -330,15 +361,12 @@ def _synchronize(ddp: DistributedDataParallel, net: Memformer, params: list[nn.P
     out.backward()
 
 
-def _merge(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
-    """Add the gradients saved before the call back into the new ``.grad`` tensors."""
-    for p, old in zip(params, saved):
-        if old is not None and p.grad is not None:
-            p.grad = old.add_(p.grad)  # in place: a DDP bucket view stays a bucket view
-        elif old is not None:
-            p.grad = old
-
-
-def _restore(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
-    for p, old in zip(params, saved):
-        p.grad = old
+def _merge(params: list[nn.Parameter], grads: list[Tensor | None]) -> None:
+    """Add the rollout's gradients into ``.grad``: one ``_foreach_add_`` into the existing
+    tensors (in place: a DDP bucket view stays a bucket view), the new ones assigned."""
+    pairs = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None and g is not None]
+    if pairs:
+        torch._foreach_add_([old for old, _ in pairs], [g for _, g in pairs])
+    for p, g in zip(params, grads):
+        if p.grad is None and g is not None:
+            p.grad = g

@@ -38,8 +38,8 @@ op_counts = _load_op_counts()
 # baseline for the encoder-decoder: 2,041 per segment (1,739 as counted in the issue) and 9 / 13
 # syncs; its goals: at most 1,390 per segment and 2 syncs per rollout.
 EXPECTED = {
-    "encoder-decoder": (1403, 4374, 9986, 9, 13),
-    "decoder": (1288, 5118, 10270, 10, 14),
+    "encoder-decoder": (1195, 3957, 8737, 8, 12),
+    "decoder": (1134, 4659, 9195, 9, 13),
 }
 
 
