@@ -5,8 +5,9 @@ MRBP trains through a whole rollout while keeping the activations of one segment
 1. a no-grad pass along the critical path (blocks and memory writer; the decoder, LM head and loss
    are skipped) pushes ``M_0 .. M_{T-1}`` and each segment's dropout seed into a replay buffer;
 2. walking back from the last segment, each segment is replayed with grad from its stored memory
-   and ONE ``torch.autograd.backward([loss_t, M_{t+1}], [1, G_{t+1}])`` call sends the gradient
-   into the parameters and to ``M_t``, whose gradient becomes ``G_t``.
+   and ONE ``torch.autograd.grad([loss_t, M_{t+1}], params + [M_t], [1, G_{t+1}])`` call gives
+   the parameters' gradients (summed over the segments with ``torch._foreach_add_``, added into
+   ``.grad`` only once every check passed) and ``G_t``.
 
 Gradients equal those of ``model.sequence_loss(...).backward()`` up to float rounding, dropout
 included, because both derive every segment's randomness from the same seeds.
