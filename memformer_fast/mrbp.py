@@ -20,6 +20,7 @@ pass through the DDP wrapper (see :func:`_synchronize`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import randomness
+from . import compiled, randomness
 from .model import Memformer
 from .replay import ReplayBuffer
 from .rollout import Rollout
@@ -101,6 +102,7 @@ def backward(
     offload: bool = False,
     preserve_rng: bool = True,
     resets: Tensor | None = None,
+    compile: bool | str = False,
 ) -> MRBPResult:
     """Accumulate the gradient of the rollout loss into the parameters' ``.grad``.
 
@@ -123,6 +125,15 @@ def backward(
             received; the replay applies the reset again, so the memory bias gets the gradient
             of every reset point and the carried memory none from the reset rows, exactly as in
             BPTT.
+        compile: run each segment's step (the critical path without grad, and the replay with
+            its backward) through ``torch.compile(fullgraph=True)``
+            (:mod:`memformer_fast.compiled`): ``True`` (inductor's default mode, CPU or CUDA),
+            or a ``torch.compile`` mode name.
+            ``"reduce-overhead"`` (CUDA graphs) needs a CUDA model and no dropout in training
+            (a captured graph would replay one dropout mask), and static shapes: a ragged last
+            segment or resets on some segments only make more graphs. The first calls compile
+            (seconds to minutes); gradients equal the eager ones up to the compiler's float
+            reordering, dropout masks included.
 
     Returns:
         :class:`MRBPResult`.
@@ -140,6 +151,8 @@ def backward(
     for name, flag in (("offload", offload), ("preserve_rng", preserve_rng)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    mode = compiled.check_mode(compile, net)
+    step = net.rollout_step if mode is None else functools.partial(compiled.rollout_step, net, mode)
     rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
     batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
     memory_in = check_memory(net, memory, batch_size) if memory is not None else None
@@ -153,10 +166,10 @@ def backward(
     buffer = ReplayBuffer(
         num_segments, (batch_size, c.n_memory_slots, c.d_model), c.memory_dtype, net.device, offload
     )
-    final_memory, memory_probes = _critical_path(net, rollout, buffer, memory_in, seeds)
+    final_memory, memory_probes = _critical_path(net, step, rollout, buffer, memory_in, seeds)
     # The replay collects the gradients in tensors of its own, merged into .grad only on success.
     params = [p for p in net.parameters() if p.requires_grad]
-    losses, grad_memory, grads = _replay(net, rollout, buffer, memory_in, params)
+    losses, grad_memory, grads = _replay(net, step, rollout, buffer, memory_in, params)
     loss = torch.stack(losses.values)  # segments in reverse order
     _check_finite(rollout, memory_probes, losses.steps, loss, ddp, net.device)
     # Only now, with every check passed, does the gradient leave the call: into .grad, and into
@@ -170,8 +183,12 @@ def backward(
     return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=num_segments)
 
 
+_Step = Callable[..., tuple[Tensor | None, Tensor]]  # Memformer.rollout_step's signature
+
+
 def _critical_path(
     net: Memformer,
+    step: _Step,
     rollout: Rollout,
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
@@ -185,7 +202,7 @@ def _critical_path(
         m = net.init_memory(_batch_size(rollout)) if memory_in is None else memory_in.detach()
         for t in range(len(rollout)):
             buffer.push(m, seeds[t])
-            _, m = net.rollout_step(rollout, t, m, _seed(seeds[t]), with_loss=False)
+            _, m = step(rollout, t, m, _seed(seeds[t]), with_loss=False)
             probes.extend(torch.aminmax(m))
     return m, probes
 
@@ -200,6 +217,7 @@ class _Losses:
 
 def _replay(
     net: Memformer,
+    step: _Step,
     rollout: Rollout,
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
@@ -220,7 +238,7 @@ def _replay(
             continue  # nothing downstream depends on this segment (the last encoder step)
         with torch.enable_grad():
             m_t = _replay_input(net, buffer, t, memory_in, batch_size)
-            loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
+            loss, m_next = step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
         outputs, seeds = [], []
         if loss is not None:
             losses.values.append(loss.detach())

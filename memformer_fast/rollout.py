@@ -211,13 +211,15 @@ def rollout_step(
     targets = rollout.targets[t]
     if logits is None or targets is None:
         return None, new_memory
-    loss_sum = F.cross_entropy(
-        upcast(logits).flatten(0, 1),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    return summed_loss(logits, targets) / rollout.num_targets, new_memory
+
+
+def summed_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of ``logits [B, L', V]`` against ``targets [B, L']`` (-100 ignored),
+    in at least float32."""
+    return F.cross_entropy(
+        upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum / rollout.num_targets, new_memory
 
 
 def sequence_loss(
