@@ -127,13 +127,9 @@ def backward(
             BPTT.
         compile: run each segment's step (the critical path without grad, and the replay with
             its backward) through ``torch.compile(fullgraph=True)``
-            (:mod:`memformer_fast.compiled`): ``True`` (inductor's default mode, CPU or CUDA),
-            or a ``torch.compile`` mode name.
-            ``"reduce-overhead"`` (CUDA graphs) needs a CUDA model and no dropout in training
-            (a captured graph would replay one dropout mask), and static shapes: a ragged last
-            segment or resets on some segments only make more graphs. The first calls compile
-            (seconds to minutes); gradients equal the eager ones up to the compiler's float
-            reordering, dropout masks included.
+            (:mod:`memformer_fast.compiled`): ``True`` (inductor's default mode), or a mode
+            name; ``"reduce-overhead"`` (CUDA graphs) needs CUDA and no dropout in training.
+            The first calls compile; gradients equal eager ones up to float reordering.
 
     Returns:
         :class:`MRBPResult`.
@@ -154,18 +150,9 @@ def backward(
     mode = compiled.check_mode(compile, net)
     step = net.rollout_step if mode is None else functools.partial(compiled.rollout_step, net, mode)
     rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
-    batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
-    memory_in = check_memory(net, memory, batch_size) if memory is not None else None
-    seeds = [
-        NO_SEED
-        if rollout.seed is None or not preserve_rng
-        else randomness.segment_seed(rollout.seed, t)
-        for t in range(num_segments)
-    ]
-    c = net.config
-    buffer = ReplayBuffer(
-        num_segments, (batch_size, c.n_memory_slots, c.d_model), c.memory_dtype, net.device, offload
-    )
+    num_segments = len(rollout)
+    memory_in = check_memory(net, memory, _batch_size(rollout)) if memory is not None else None
+    seeds, buffer = _seeds_and_buffer(net, rollout, preserve_rng, offload)
     final_memory, memory_probes = _critical_path(net, step, rollout, buffer, memory_in, seeds)
     # The replay collects the gradients in tensors of its own, merged into .grad only on success.
     params = [p for p in net.parameters() if p.requires_grad]
@@ -181,6 +168,22 @@ def backward(
         _synchronize(ddp, net, params)
     buffer.clear()
     return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=num_segments)
+
+
+def _seeds_and_buffer(
+    net: Memformer, rollout: Rollout, preserve_rng: bool, offload: bool
+) -> tuple[list[int], ReplayBuffer]:
+    """Each segment's dropout seed (``NO_SEED`` for none) and an empty replay buffer for
+    ``M_0 .. M_{T-1}``."""
+    num_segments, c = len(rollout), net.config
+    seeds = [
+        NO_SEED
+        if rollout.seed is None or not preserve_rng
+        else randomness.segment_seed(rollout.seed, t)
+        for t in range(num_segments)
+    ]
+    shape = (_batch_size(rollout), c.n_memory_slots, c.d_model)
+    return seeds, ReplayBuffer(num_segments, shape, c.memory_dtype, net.device, offload)
 
 
 _Step = Callable[..., tuple[Tensor | None, Tensor]]  # Memformer.rollout_step's signature
