@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     slope = measure(workload)
     print(f"{workload!r}")
     print(f"operators per segment (T={slope.short} -> T={slope.long}): {slope.per_segment():g}")
-    for t, c in ((slope.short, slope.at_short), (slope.long, slope.at_long)):
+    at_32 = count(workload.step(32))
+    for t, c in ((slope.short, slope.at_short), (slope.long, slope.at_long), (32, at_32)):
         print(f"  T={t}: {c.total} operators, {c.total_syncs} syncs {dict(c.syncs)}")
     print(f"\n{'operator':<40} {'per segment':>12} {'T=' + str(slope.long):>8}")
     for name, per in slope.per_op().items():
@@ -253,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                     "per_segment": slope.per_segment(),
                     "per_op": slope.per_op(),
                     "totals": {slope.short: slope.at_short.total, slope.long: slope.at_long.total},
-                    "syncs": {slope.short: slope.at_short.syncs, slope.long: slope.at_long.syncs},
+                    "syncs": {
+                        slope.short: slope.at_short.syncs,
+                        slope.long: slope.at_long.syncs,
+                        32: at_32.syncs,
+                    },
                 },
                 f,
                 indent=1,

@@ -5,8 +5,9 @@ MRBP trains through a whole rollout while keeping the activations of one segment
 1. a no-grad pass along the critical path (blocks and memory writer; the decoder, LM head and loss
    are skipped) pushes ``M_0 .. M_{T-1}`` and each segment's dropout seed into a replay buffer;
 2. walking back from the last segment, each segment is replayed with grad from its stored memory
-   and ONE ``torch.autograd.backward([loss_t, M_{t+1}], [1, G_{t+1}])`` call sends the gradient
-   into the parameters and to ``M_t``, whose gradient becomes ``G_t``.
+   and ONE ``torch.autograd.grad([loss_t, M_{t+1}], params + [M_t], [1, G_{t+1}])`` call gives
+   the parameters' gradients (summed over the segments with ``torch._foreach_add_``, added into
+   ``.grad`` only once every check passed) and ``G_t``.
 
 Gradients equal those of ``model.sequence_loss(...).backward()`` up to float rounding, dropout
 included, because both derive every segment's randomness from the same seeds.
@@ -19,6 +20,7 @@ pass through the DDP wrapper (see :func:`_synchronize`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import randomness
+from . import compiled, randomness
 from .model import Memformer
 from .replay import ReplayBuffer
 from .rollout import Rollout
@@ -100,6 +102,7 @@ def backward(
     offload: bool = False,
     preserve_rng: bool = True,
     resets: Tensor | None = None,
+    compile: bool | str = False,
 ) -> MRBPResult:
     """Accumulate the gradient of the rollout loss into the parameters' ``.grad``.
 
@@ -122,6 +125,11 @@ def backward(
             received; the replay applies the reset again, so the memory bias gets the gradient
             of every reset point and the carried memory none from the reset rows, exactly as in
             BPTT.
+        compile: run each segment's step (the critical path without grad, and the replay with
+            its backward) through ``torch.compile(fullgraph=True)``
+            (:mod:`memformer_fast.compiled`): ``True`` (inductor's default mode), or a mode
+            name; ``"reduce-overhead"`` (CUDA graphs) needs CUDA and no dropout in training.
+            The first calls compile; gradients equal eager ones up to float reordering.
 
     Returns:
         :class:`MRBPResult`.
@@ -139,79 +147,93 @@ def backward(
     for name, flag in (("offload", offload), ("preserve_rng", preserve_rng)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    mode = compiled.check_mode(compile, net)
+    step = net.rollout_step if mode is None else functools.partial(compiled.rollout_step, net, mode)
     rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
-    batch_size, num_segments = rollout.input_ids[0].shape[0], len(rollout)
-    memory_in = check_memory(net, memory, batch_size) if memory is not None else None
+    num_segments = len(rollout)
+    memory_in = check_memory(net, memory, _batch_size(rollout)) if memory is not None else None
+    seeds, buffer = _seeds_and_buffer(net, rollout, preserve_rng, offload)
+    final_memory, memory_probes = _critical_path(net, step, rollout, buffer, memory_in, seeds)
+    # The replay collects the gradients in tensors of its own, merged into .grad only on success.
+    params = [p for p in net.parameters() if p.requires_grad]
+    losses, grad_memory, grads = _replay(net, step, rollout, buffer, memory_in, params)
+    loss = torch.stack(losses.values)  # segments in reverse order
+    _check_finite(rollout, memory_probes, losses.steps, loss, ddp, net.device)
+    # Only now, with every check passed, does the gradient leave the call: into .grad, and into
+    # the caller's memory (and whatever graph produced it).
+    _merge(params, grads)
+    if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
+        torch.autograd.backward(memory_in, grad_memory)
+    if ddp is not None and ddp.require_backward_grad_sync:
+        _synchronize(ddp, net, params)
+    buffer.clear()
+    return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=num_segments)
+
+
+def _seeds_and_buffer(
+    net: Memformer, rollout: Rollout, preserve_rng: bool, offload: bool
+) -> tuple[list[int], ReplayBuffer]:
+    """Each segment's dropout seed (``NO_SEED`` for none) and an empty replay buffer for
+    ``M_0 .. M_{T-1}``."""
+    num_segments, c = len(rollout), net.config
     seeds = [
         NO_SEED
         if rollout.seed is None or not preserve_rng
         else randomness.segment_seed(rollout.seed, t)
         for t in range(num_segments)
     ]
-    c = net.config
-    buffer = ReplayBuffer(
-        num_segments, (batch_size, c.n_memory_slots, c.d_model), c.memory_dtype, net.device, offload
-    )
-    final_memory = _critical_path(net, rollout, buffer, memory_in, seeds, ddp)
-    # The replay writes into fresh .grad tensors, merged with the old ones only on success.
-    params = [p for p in net.parameters() if p.requires_grad]
-    saved_grads = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss = _replay(net, rollout, buffer, memory_in, ddp)
-    except BaseException:
-        _restore(params, saved_grads)
-        raise
-    _merge(params, saved_grads)
-    if ddp is not None and ddp.require_backward_grad_sync:
-        _synchronize(ddp, net, params)
-    buffer.clear()
-    return MRBPResult(loss=loss, memory=final_memory, num_segments=num_segments)
+    shape = (_batch_size(rollout), c.n_memory_slots, c.d_model)
+    return seeds, ReplayBuffer(num_segments, shape, c.memory_dtype, net.device, offload)
+
+
+_Step = Callable[..., tuple[Tensor | None, Tensor]]  # Memformer.rollout_step's signature
 
 
 def _critical_path(
     net: Memformer,
+    step: _Step,
     rollout: Rollout,
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
     seeds: list[int],
-    ddp: DistributedDataParallel | None,
-) -> Tensor:
+) -> tuple[Tensor, list[Tensor]]:
     """Step 1, without grad: push ``M_0 .. M_{T-1}`` and their seeds into ``buffer``; return
-    ``M_T``. A FloatingPointError names the first segment that writes a non-finite memory."""
-    num_segments = len(rollout)
+    ``M_T`` and, per segment, the min and max of the memory it wrote (NaN and infinities
+    propagate into them, and unlike a sum they cannot overflow), read after the replay."""
+    probes: list[Tensor] = []
     with torch.no_grad():
         m = net.init_memory(_batch_size(rollout)) if memory_in is None else memory_in.detach()
-        finite = []
-        for t in range(num_segments):
+        for t in range(len(rollout)):
             buffer.push(m, seeds[t])
-            _, m = net.rollout_step(rollout, t, m, _seed(seeds[t]), with_loss=False)
-            finite.append(torch.isfinite(m).all())
-    bad_memory = _agree(ddp, _first_false(torch.stack(finite)), num_segments, net.device)
-    if bad_memory < num_segments:
-        raise FloatingPointError(
-            f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
-            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
-        )
-    return m
+            _, m = step(rollout, t, m, _seed(seeds[t]), with_loss=False)
+            probes.extend(torch.aminmax(m))
+    return m, probes
+
+
+@dataclass
+class _Losses:
+    """The replay's losses: ``values`` in reverse segment order, ``steps`` their segments."""
+
+    values: list[Tensor]
+    steps: list[int]
 
 
 def _replay(
     net: Memformer,
+    step: _Step,
     rollout: Rollout,
     buffer: ReplayBuffer,
     memory_in: Tensor | None,
-    ddp: DistributedDataParallel | None,
-) -> Tensor:
-    """Step 2: replay the segments backwards, one backward call each, accumulating into
-    ``.grad``; return the rollout's loss (detached). A FloatingPointError names the first
-    segment whose loss is not finite; the caller's memory gets its gradient only after the
-    checks passed."""
+    params: list[nn.Parameter],
+) -> tuple[_Losses, Tensor | None, list[Tensor | None]]:
+    """Step 2: replay the segments backwards, one ``autograd.grad`` call each; return the losses,
+    ``G_0`` (None when ``M_0`` needs none) and the parameters' gradients summed over the segments
+    (None for a parameter no segment reached). Nothing is written into any ``.grad``."""
     num_segments, batch_size = len(rollout), _batch_size(rollout)
-    losses: list[Tensor] = []
-    loss_steps: list[int] = []
+    losses = _Losses([], [])
+    acc: list[Tensor | None] = [None] * len(params)
     grad_memory: Tensor | None = None
+    one: Tensor | None = None  # d loss / d loss, made once per rollout
     for t in reversed(range(num_segments)):
         if t > 0:
             buffer.prefetch(t - 1)
@@ -219,32 +241,69 @@ def _replay(
             continue  # nothing downstream depends on this segment (the last encoder step)
         with torch.enable_grad():
             m_t = _replay_input(net, buffer, t, memory_in, batch_size)
-            loss, m_next = net.rollout_step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
-        outputs, grads = [], []
+            loss, m_next = step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
+        outputs, seeds = [], []
         if loss is not None:
-            losses.append(loss.detach())
-            loss_steps.append(t)
+            losses.values.append(loss.detach())
+            losses.steps.append(t)
+            one = torch.ones_like(loss) if one is None else one
             outputs.append(loss)
-            grads.append(torch.ones_like(loss))
+            seeds.append(one)
         if grad_memory is not None:
             outputs.append(m_next)
-            grads.append(grad_memory)
-        torch.autograd.backward(outputs, grads)
-        grad_memory = m_t.grad if m_t.is_leaf else None
-    stacked = torch.stack(losses)  # segments in reverse order
-    first_bad = _first_false(torch.isfinite(stacked.flip(0)))
-    bad_loss = loss_steps[::-1][first_bad] if first_bad < len(losses) else num_segments
-    bad_loss = _agree(ddp, bad_loss, num_segments, net.device)
+            seeds.append(grad_memory)
+        leaf = m_t.is_leaf and m_t.requires_grad
+        inputs = [*params, m_t] if leaf else params
+        got = torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)
+        grad_memory = got[-1] if leaf else None
+        _accumulate(acc, params, got[: len(params)])
+    return losses, grad_memory, acc
+
+
+def _accumulate(
+    acc: list[Tensor | None], params: list[nn.Parameter], got: tuple[Tensor | None, ...]
+) -> None:
+    """``acc[i] += got[i]`` with one ``_foreach_add_`` (in the order ``AccumulateGrad`` would
+    add, so the sums are bit-identical); a first gradient is copied in the parameter's layout
+    (the one autograd returned may be an expanded view, or shared with another input)."""
+    pairs = [(a, g) for a, g in zip(acc, got) if a is not None and g is not None]
+    if pairs:
+        torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+    for i, g in enumerate(got):
+        if acc[i] is None and g is not None:
+            p = params[i]
+            acc[i] = g.clone() if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+
+
+def _check_finite(
+    rollout: Rollout,
+    memory_probes: list[Tensor],
+    loss_steps: list[int],
+    losses: Tensor,
+    ddp: DistributedDataParallel | None,
+    device: torch.device,
+) -> None:
+    """Raise FloatingPointError naming the first segment whose memory (first) or loss is not
+    finite, with one host read for both; under DDP every rank raises when any rank would."""
+    num_segments = len(rollout)
+    flags = torch.isfinite(torch.cat([torch.stack(memory_probes), losses]))
+    finite = flags.tolist()
+    memory_ok = [finite[2 * t] and finite[2 * t + 1] for t in range(num_segments)]
+    bad_memory = memory_ok.index(False) if False in memory_ok else num_segments
+    bad_memory = _agree(ddp, bad_memory, num_segments, device)
+    if bad_memory < num_segments:
+        raise FloatingPointError(
+            f"mrbp.backward: the memory written by segment {bad_memory} is not finite"
+            f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
+        )
+    loss_ok = finite[2 * num_segments :]
+    bad = [t for t, ok in zip(loss_steps, loss_ok) if not ok]
+    bad_loss = _agree(ddp, min(bad, default=num_segments), num_segments, device)
     if bad_loss < num_segments:
         raise FloatingPointError(
             f"mrbp.backward: the loss of segment {bad_loss} is not finite"
             f"{_ON_A_RANK if ddp else ''}; no gradient was changed"
         )
-    # Only now, with every check passed, does the gradient leave the parameters: into the
-    # caller's memory (and whatever graph produced it).
-    if memory_in is not None and memory_in.requires_grad and grad_memory is not None:
-        torch.autograd.backward(memory_in, grad_memory)
-    return stacked.sum()
 
 
 def _batch_size(rollout: Rollout) -> int:
@@ -268,12 +327,6 @@ def _replay_input(
     if t == 0 and memory_in is not None and not memory_in.requires_grad:
         return buffer.get(0)
     return buffer.get(t).requires_grad_()
-
-
-def _first_false(flags: Tensor) -> int:
-    """Index of the first False in a 1-D bool tensor, ``len(flags)`` if none (one host sync)."""
-    bad = (~flags).nonzero()
-    return int(bad[0]) if bad.numel() else flags.numel()
 
 
 _ON_A_RANK = " on at least one DDP rank"
@@ -330,15 +383,12 @@ def _synchronize(ddp: DistributedDataParallel, net: Memformer, params: list[nn.P
     out.backward()
 
 
-def _merge(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
-    """Add the gradients saved before the call back into the new ``.grad`` tensors."""
-    for p, old in zip(params, saved):
-        if old is not None and p.grad is not None:
-            p.grad = old.add_(p.grad)  # in place: a DDP bucket view stays a bucket view
-        elif old is not None:
-            p.grad = old
-
-
-def _restore(params: list[nn.Parameter], saved: list[Tensor | None]) -> None:
-    for p, old in zip(params, saved):
-        p.grad = old
+def _merge(params: list[nn.Parameter], grads: list[Tensor | None]) -> None:
+    """Add the rollout's gradients into ``.grad``: one ``_foreach_add_`` into the existing
+    tensors (in place: a DDP bucket view stays a bucket view), the new ones assigned."""
+    pairs = [(p.grad, g) for p, g in zip(params, grads) if p.grad is not None and g is not None]
+    if pairs:
+        torch._foreach_add_([old for old, _ in pairs], [g for _, g in pairs])
+    for p, g in zip(params, grads):
+        if p.grad is None and g is not None:
+            p.grad = g

@@ -33,9 +33,15 @@ _ACTIVE: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar
 )
 
 
+def rollout_seed_tensor() -> Tensor:
+    """The rollout seed as a ``[1]`` int64 tensor: one draw from the global CPU generator, made
+    when a rollout starts (the plan reads it with its other values, in one host read)."""
+    return torch.randint(0, 2**62, (1,))
+
+
 def draw_rollout_seed() -> int:
-    """One draw from the global CPU generator, made when a rollout starts."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """The rollout seed as a Python int (:func:`rollout_seed_tensor`, read now)."""
+    return int(rollout_seed_tensor().item())
 
 
 def _mix(x: int, salt: int) -> int:

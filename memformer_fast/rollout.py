@@ -20,11 +20,12 @@ from torch import Tensor
 from . import randomness
 from .validation import (
     IGNORE_INDEX,
+    HostReads,
     check_ids,
     check_labels,
-    check_mask,
     check_memory,
     check_resets,
+    mask_format,
 )
 
 if TYPE_CHECKING:  # type hints only: the model imports this module
@@ -71,18 +72,36 @@ def upcast(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _scored_labels(model: Memformer, labels: Tensor) -> Tensor:
+    """``[B, T*L]``: the labels the steps score, cut like the input. The encoder-decoder's step
+    ``t`` scores segment ``t + 1`` (the last step none); the decoder's scores its own segment
+    shifted by one token (the last token scores nothing)."""
+    if model.is_encoder_decoder:
+        return labels
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
+
+
 def _step_inputs(
-    model: Memformer, ids: list[Tensor], masks: list[Tensor | None], labels: Tensor
+    model: Memformer, ids: list[Tensor], masks: list[Tensor | None], scored: Tensor
 ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None]]:
     """Per step: the labels it scores, the decoder's inputs and their masks (encoder-decoder)."""
     L = model.config.segment_length
-    if model.is_encoder_decoder:
-        step_labels: list[Tensor | None] = [*list(labels.split(L, dim=1))[1:], None]
-        bos = model.config.bos_token_id
-        shifted = [shift_right(i, m, bos) for i, m in zip(ids[1:], masks[1:])] + [(None, None)]
-        return step_labels, [s[0] for s in shifted], [s[1] for s in shifted]
-    nxt = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
-    return list(nxt.split(L, dim=1)), [None] * len(ids), [None] * len(ids)
+    step_labels: list[Tensor | None] = list(scored.split(L, dim=1))
+    if not model.is_encoder_decoder:
+        return step_labels, [None] * len(ids), [None] * len(ids)
+    bos = model.config.bos_token_id
+    shifted = [shift_right(i, m, bos) for i, m in zip(ids[1:], masks[1:])] + [(None, None)]
+    return [*step_labels[1:], None], [s[0] for s in shifted], [s[1] for s in shifted]
+
+
+def _segment_counts(scored: Tensor, L: int) -> Tensor:
+    """``[T]``: how many labels of each segment of ``L`` columns are scored (not -100), in a
+    number of operators that does not depend on ``T`` (the last segment may be shorter)."""
+    valid = scored != IGNORE_INDEX
+    pad = -scored.shape[1] % L
+    if pad:
+        valid = F.pad(valid, (0, pad))
+    return valid.view(valid.shape[0], -1, L).sum((0, 2))
 
 
 def plan_rollout(
@@ -94,40 +113,63 @@ def plan_rollout(
     resets: Tensor | None = None,
 ) -> Rollout:
     """Validate a rollout ``[B, T*L]`` and cut it into segments with their targets
-    (:meth:`memformer_fast.Memformer.plan_rollout` documents the arguments)."""
-    input_ids = check_ids(model, "input_ids", input_ids)
-    mask = check_mask("attention_mask", attention_mask, input_ids)
+    (:meth:`memformer_fast.Memformer.plan_rollout` documents the arguments).
+
+    Everything the host needs from the values (the id range, the labels' validity, whether the
+    mask hides anything, each segment's target count, which segments reset a row, and the
+    rollout's dropout seed) is read with one host read (:class:`HostReads`); on bad input nothing
+    has changed, the global generator included.
+    """
+    reads = HostReads(model.device)
+    input_ids = check_ids(model, "input_ids", input_ids, reads=reads)
+    mask = mask_format("attention_mask", attention_mask, input_ids)
     L = model.config.segment_length
+    num_segments = -(-input_ids.shape[1] // L)
     resets = check_resets(
         model,
         "resets",
         resets,
-        [input_ids.shape[0], -(-input_ids.shape[1] // L)],
+        [input_ids.shape[0], num_segments],
         f"[B, T] (one flag per segment of segment_length={L})",
     )
-    labels = input_ids if labels is None else check_labels(model, labels, input_ids)
+    labels = input_ids if labels is None else check_labels(model, labels, input_ids, reads)
     if mask is not None:
         labels = labels.masked_fill(~mask, IGNORE_INDEX)
+    scored = _scored_labels(model, labels)
+    parts = {"counts": reads.add(_segment_counts(scored, L))}
+    if mask is not None:
+        parts["mask_all"] = reads.add(mask.all())
+    if resets is not None:
+        parts["resets_any"] = reads.add(resets.any(0))
+    generator = torch.default_generator.get_state()
+    if model.training and model.config.dropout > 0:
+        parts["seed"] = reads.add(randomness.rollout_seed_tensor())
+    try:
+        values = reads.read()
+        counts = values[parts["counts"]]
+        if model.is_encoder_decoder:
+            counts = [*counts[1:], 0]  # step t scores segment t + 1
+        if sum(counts) == 0:
+            reason = "every label is ignored or padded"
+            if model.is_encoder_decoder and num_segments < 2:
+                reason = "the encoder-decoder model predicts segment t + 1: it needs two segments"
+            raise ValueError(f"the rollout has no token to predict: {reason}")
+    except BaseException:
+        torch.default_generator.set_state(generator)  # the seed's draw did not happen
+        raise
+    if mask is not None and values[parts["mask_all"]][0]:
+        mask = None  # every token is real: no mask at all, as if none was given
     ids = list(input_ids.split(L, dim=1))
     masks: list[Tensor | None] = (
         list(mask.split(L, dim=1)) if mask is not None else [None] * len(ids)
     )
-    step_labels, decoder_inputs, decoder_masks = _step_inputs(model, ids, masks, labels)
-    counts = [0 if t is None else int((t != IGNORE_INDEX).sum()) for t in step_labels]
+    step_labels, decoder_inputs, decoder_masks = _step_inputs(model, ids, masks, scored)
     targets = [t if n > 0 else None for t, n in zip(step_labels, counts)]
-    if sum(counts) == 0:
-        reason = "every label is ignored or padded"
-        if model.is_encoder_decoder and len(ids) < 2:
-            reason = "the encoder-decoder model predicts segment t + 1: it needs two segments"
-        raise ValueError(f"the rollout has no token to predict: {reason}")
-    active = model.training and model.config.dropout > 0
-    seed = randomness.draw_rollout_seed() if active else None
+    seed = values[parts["seed"]][0] if "seed" in parts else None
     columns: list[Tensor | None] | None = None
-    if resets is not None:  # one host sync per rollout: which segments reset any row
-        columns = [
-            resets[:, t] if any_reset else None
-            for t, any_reset in enumerate(resets.any(0).tolist())
-        ]
+    if resets is not None:
+        any_reset = values[parts["resets_any"]]
+        columns = [resets[:, t] if any_reset[t] else None for t in range(num_segments)]
     return Rollout(ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed, columns)
 
 
@@ -169,13 +211,15 @@ def rollout_step(
     targets = rollout.targets[t]
     if logits is None or targets is None:
         return None, new_memory
-    loss_sum = F.cross_entropy(
-        upcast(logits).flatten(0, 1),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+    return summed_loss(logits, targets) / rollout.num_targets, new_memory
+
+
+def summed_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of ``logits [B, L', V]`` against ``targets [B, L']`` (-100 ignored),
+    in at least float32."""
+    return F.cross_entropy(
+        upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss_sum / rollout.num_targets, new_memory
 
 
 def sequence_loss(

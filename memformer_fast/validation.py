@@ -8,6 +8,7 @@ wrapper.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,9 +21,52 @@ IGNORE_INDEX = -100
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def check_ids(model: Memformer, name: str, ids: object, max_length: int | None = None) -> Tensor:
+class HostReads:
+    """Values computed on the device that the host needs, read together with ONE host read.
+
+    Each :meth:`add` queues a tensor (flattened to int64) and, optionally, a check of its values
+    that raises on bad input; :meth:`read` reads everything at once, runs the checks in the order
+    they were queued and returns each part's values. A rollout's plan needs a dozen numbers (the
+    id range, the labels' validity, the target count of each segment, which segments reset a
+    row...): read one by one, each would make the host wait for the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._parts: list[Tensor] = []
+        self._checks: list[Callable[[list[int]], None] | None] = []
+
+    def add(self, values: Tensor, check: Callable[[list[int]], None] | None = None) -> int:
+        """Queue ``values`` (any shape, integer or bool, on any device); return its part index."""
+        self._parts.append(values.reshape(-1).to(self.device, torch.int64, non_blocking=True))
+        self._checks.append(check)
+        return len(self._parts) - 1
+
+    def read(self) -> list[list[int]]:
+        """One host read of every queued part, then the checks in order: ``[values per part]``."""
+        if not self._parts:
+            return []
+        flat = torch.cat(self._parts).tolist()
+        parts, start = [], 0
+        for part in self._parts:
+            parts.append(flat[start : start + part.numel()])
+            start += part.numel()
+        for check, values in zip(self._checks, parts):
+            if check is not None:
+                check(values)
+        return parts
+
+
+def check_ids(
+    model: Memformer,
+    name: str,
+    ids: object,
+    max_length: int | None = None,
+    reads: HostReads | None = None,
+) -> Tensor:
     """``ids`` is ``[B, L]`` integer token ids in ``[0, vocab_size)`` on the model's device, with
-    ``L <= max_length`` when given; returned as int64."""
+    ``L <= max_length`` when given; returned as int64. With ``reads``, the range check (the one
+    that needs the values) is queued there instead of read now."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.dtype not in _ID_DTYPES:
@@ -36,18 +80,33 @@ def check_ids(model: Memformer, name: str, ids: object, max_length: int | None =
         )
     if ids.device != model.device:
         raise ValueError(f"{name} must be on the model's device {model.device}, got {ids.device}")
-    lo, hi = int(ids.min()), int(ids.max())
     vocab_size = model.config.vocab_size
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(
-            f"{name} must hold ids in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]"
-        )
+
+    def check_range(lo_hi: list[int]) -> None:
+        lo, hi = lo_hi
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{name} must hold ids in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]"
+            )
+
+    lo_hi = torch.stack(torch.aminmax(ids))
+    if reads is None:
+        check_range(lo_hi.tolist())
+    else:
+        reads.add(lo_hi, check_range)
     return ids.long()
 
 
 def check_mask(name: str, mask: object, like: Tensor) -> Tensor | None:
     """``mask`` is None or a bool/integer tensor of ``like``'s shape and device (1 = real token);
     returned as bool, or None when every token is real."""
+    mask = mask_format(name, mask, like)
+    return None if mask is None or bool(mask.all()) else mask
+
+
+def mask_format(name: str, mask: object, like: Tensor) -> Tensor | None:
+    """:func:`check_mask` without reading the values: the mask as bool (or None when not given),
+    even when every token is real."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -58,8 +117,7 @@ def check_mask(name: str, mask: object, like: Tensor) -> Tensor | None:
         raise ValueError(f"{name} must have shape {list(like.shape)}, got {list(mask.shape)}")
     if mask.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {mask.device}")
-    mask = mask.bool()
-    return None if bool(mask.all()) else mask
+    return mask.bool()
 
 
 def check_memory(model: Memformer, memory: object, batch_size: int) -> Tensor:
@@ -103,9 +161,11 @@ def check_resets(
     return resets
 
 
-def check_labels(model: Memformer, labels: object, like: Tensor) -> Tensor:
+def check_labels(
+    model: Memformer, labels: object, like: Tensor, reads: HostReads | None = None
+) -> Tensor:
     """``labels`` has ``like``'s shape and device and holds ids in ``[0, vocab_size)`` or -100
-    (ignored); returned as int64."""
+    (ignored); returned as int64. With ``reads``, the value check is queued there."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -116,9 +176,16 @@ def check_labels(model: Memformer, labels: object, like: Tensor) -> Tensor:
         raise ValueError(f"labels must be on {like.device}, got {labels.device}")
     vocab_size = model.config.vocab_size
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        raise ValueError(
-            f"labels must be token ids in [0, {vocab_size}) or {IGNORE_INDEX}, "
-            f"got {labels[bad][0].item()}"
-        )
+
+    def check_values(any_bad: list[int]) -> None:
+        if any_bad[0]:
+            raise ValueError(
+                f"labels must be token ids in [0, {vocab_size}) or {IGNORE_INDEX}, "
+                f"got {labels[bad][0].item()}"
+            )
+
+    if reads is None:
+        check_values([int(bad.any())])
+    else:
+        reads.add(bad.any(), check_values)
     return labels.long()

@@ -441,3 +441,30 @@ def test_generate_takes_threads(
     assert calls == [3]
     code, _, _ = run(capsys, "generate", str(checkpoint_dir), "--max-bytes", "2", "--device", "cpu")
     assert code == 0 and calls == [3, 1]  # default: one thread on the CPU
+
+
+def test_train_compile_flag_reaches_mrbp(
+    capsys: pytest.CaptureFixture[str],
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``train --compile`` runs every MRBP step with ``compile=True`` (recorded here, then run
+    eagerly: the compiled step itself is tested in test_compiled.py), and is saved in the run's
+    settings; without the flag, ``compile=False``."""
+    seen: list[object] = []
+    real = mrbp.backward
+
+    def recording(*args, compile=False, **kwargs):
+        seen.append(compile)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mrbp, "backward", recording)
+    out_dir = tmp_path / "run"
+    args = ["train", str(corpus), "--out", str(out_dir), *TINY_CLI, "--steps", "2"]
+    assert run(capsys, *args, "--compile")[0] == 0
+    assert seen == [True, True]
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["settings"]["compile"]
+    seen.clear()
+    assert run(capsys, *args[:3], str(tmp_path / "plain"), *args[4:])[0] == 0
+    assert seen == [False, False]

@@ -35,7 +35,7 @@ def test_mrbp_equals_bptt_while_another_thread_draws(
     reseed the process-wide generator)."""
     # The rollout seed is the one global draw of a rollout: pinned, so the thread's draws cannot
     # race with it (what this test is about is every draw after it).
-    monkeypatch.setattr(randomness, "draw_rollout_seed", lambda: 987654321)
+    monkeypatch.setattr(randomness, "rollout_seed_tensor", lambda: torch.tensor([987654321]))
     model, ids = make_model(arch), ids_for(T=3)
     model.sequence_loss(ids)[0].backward()
     expected = grads(model)
@@ -140,3 +140,28 @@ def test_compiled_layers_with_dropout_match_eager_mrbp() -> None:
     assert compiled.keys() == eager.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_rejected_rollout_leaves_the_global_generator_alone(arch: str) -> None:
+    """The plan draws the rollout seed before its one host read of the values: when those reject
+    the input (ids or labels out of range, nothing to predict), the draw is undone."""
+    model, ids = make_model(arch), ids_for()
+    bad_ids = ids.clone()
+    bad_ids[0, 0] = 31
+    bad_labels = ids.clone()
+    bad_labels[1, 2] = 99
+    cases = [
+        (lambda: mrbp.backward(model, bad_ids), "input_ids must hold ids in"),
+        (lambda: mrbp.backward(model, ids, labels=bad_labels), "labels must be token ids"),
+        (lambda: mrbp.backward(model, ids, labels=torch.full_like(ids, -100)), "no token"),
+        (lambda: model.sequence_loss(bad_ids), "input_ids must hold ids in"),
+    ]
+    for run, message in cases:
+        torch.manual_seed(4)
+        expected = torch.rand(4)
+        torch.manual_seed(4)
+        with pytest.raises(ValueError, match=message):
+            run()
+        assert torch.equal(torch.rand(4), expected), message
+        assert all(p.grad is None for p in model.parameters())

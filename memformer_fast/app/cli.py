@@ -184,6 +184,7 @@ SETTING_FLAGS = (
     "seed",
     "reset_at_file_boundaries",
     "memory_reset_every_segment",
+    "compile",
 )
 
 
@@ -583,6 +584,14 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="the no-memory baseline: reset the memory before every segment (same model, same "
         "parameter count)",
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="run each segment's MRBP step through torch.compile (inductor; the first steps "
+        "compile, later ones are faster when the step is bound by launches; same gradients up "
+        "to float rounding)",
     )
     train.add_argument("--device", default="auto")
     train.add_argument("--threads", type=POSITIVE, help="CPU threads (default: torch's)")

@@ -85,6 +85,7 @@ class TrainSettings:
     seed: int = 0
     reset_at_file_boundaries: bool = False  # each file starts a segment with a fresh memory
     memory_reset_every_segment: bool = False  # the no-memory baseline
+    compile: bool = False  # each segment's step through torch.compile (mrbp.backward(compile=))
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "segments", "eval_every", "eval_bytes", "save_every"):
@@ -317,6 +318,7 @@ class Trainer:
             attention_mask=inputs.attention_mask,
             labels=inputs.labels,
             resets=inputs.resets,
+            compile=self.settings.compile,
         )
         clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)

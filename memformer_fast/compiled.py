@@ -1,0 +1,135 @@
+"""The segment step of :func:`memformer_fast.mrbp.backward` through ``torch.compile``.
+
+On a GPU at the paper's sizes a fused kernel does about a microsecond of work, so an eager step
+is bound by the host dispatching about a thousand operators per segment. Compiled, a segment is
+two graphs with ``fullgraph=True``: the critical path (embedding, blocks, memory writer, and the
+last norm when the decoder needs the context) and the decoder with its summed loss. The replay's
+backward runs through the same graphs (AOTAutograd's backward graphs).
+
+Dropout stays exact: each part still runs inside :func:`memformer_fast.randomness.seeded`,
+entered here, outside the graphs, and the mask is drawn by an opaque custom op that reads the
+generator of that call at run time; so a compiled MRBP draws the very masks BPTT draws.
+
+Compilation happens once per distinct situation, not per segment nor per call: Dynamo caches the
+graphs (keyed by guards on shapes, grad mode and which optional inputs are given), so the no-grad
+critical path, the replay, a ragged last segment, the first segment's memory (which may not
+require grad) and a segment with resets each compile once, and later calls reuse them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import randomness
+from .rollout import Rollout, summed_loss
+
+if TYPE_CHECKING:  # type hints only: the model imports mrbp, which imports this module
+    from .model import Memformer
+
+# The torch.compile backend: inductor on CPU and CUDA; tests may set "aot_eager" (the same graphs
+# and AOTAutograd, without code generation) where inductor's compile time would dominate.
+BACKEND = "inductor"
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _encode(
+    model: Memformer, ids: Tensor, memory: Tensor, mask: Tensor | None, reset: Tensor | None,
+    with_context: bool,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """One segment's critical path: ``(context [B, L, D] or None, M_{t+1} [B, S, D])``."""
+    if reset is not None:
+        memory = model.reset_memory(memory, reset)
+    if not with_context:  # the critical-path pass: the norm of the context would be unused
+        return None, model.writer(memory, model._run_blocks(ids, memory, mask), mask)
+    return model.read_segment(ids, memory, mask)
+
+
+def _decode_loss(
+    model: Memformer, decoder_inputs: Tensor | None, context: Tensor, mask: Tensor | None,
+    decoder_mask: Tensor | None, targets: Tensor,
+) -> Tensor:  # fmt: skip
+    """The summed cross-entropy of one segment's targets, from the critical path's context."""
+    return summed_loss(model.decode(decoder_inputs, context, mask, decoder_mask), targets)
+
+
+_GRAPHS: dict[tuple[str, str], tuple[Callable[..., Any], Callable[..., Any]]] = {}
+
+
+def check_mode(compile: object, model: Memformer) -> str | None:
+    """The ``torch.compile`` mode that ``mrbp.backward``'s ``compile`` argument asks for (None:
+    eager). ``True`` is ``"default"``; ``"reduce-overhead"`` (CUDA graphs) needs a CUDA model
+    without dropout in training: a captured graph would replay the same dropout masks."""
+    if compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if not isinstance(compile, str) or compile not in MODES:
+        raise ValueError(f"compile must be a bool or one of {list(MODES)}, got {compile!r}")
+    if compile in ("reduce-overhead", "max-autotune"):
+        if model.training and model.config.dropout > 0:
+            raise ValueError(
+                f"compile={compile!r} uses CUDA graphs, which would replay one dropout mask "
+                "for every segment (the masks come from a generator of each call, not the "
+                "graph's); use compile=True with dropout, or CUDA graphs with dropout 0 / eval"
+            )
+        if model.device.type != "cuda":
+            raise ValueError(
+                f"compile={compile!r} uses CUDA graphs, which need a CUDA model; "
+                f"the model is on {model.device}. Use compile=True"
+            )
+    return compile
+
+
+def graphs(mode: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The compiled ``(critical path, decoder and loss)`` for ``mode`` (and :data:`BACKEND`),
+    made once per process:
+    Dynamo keeps their graphs per model and situation (guards), so later calls reuse them."""
+    key = (BACKEND, mode)
+    if key not in _GRAPHS:
+        options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": BACKEND}
+        if BACKEND == "inductor":
+            options["mode"] = mode
+        _GRAPHS[key] = (torch.compile(_encode, **options), torch.compile(_decode_loss, **options))
+    return _GRAPHS[key]
+
+
+def rollout_step(
+    model: Memformer,
+    mode: str,
+    rollout: Rollout,
+    t: int,
+    memory: Tensor,
+    seed: int | None = None,
+    with_loss: bool = True,
+) -> tuple[Tensor | None, Tensor]:
+    """:func:`memformer_fast.rollout.rollout_step` through the compiled graphs: the same
+    ``(loss share or None, M_{t+1})``, the same dropout masks (the model's ``rollout_logits`` and
+    ``rollout_step`` methods are not called, so a wrapper of them does not see these steps)."""
+    encode, decode_loss = graphs(mode)
+    targets = _dense(rollout.targets[t])
+    decode = with_loss and targets is not None
+    reset = _dense(None if rollout.resets is None else rollout.resets[t])
+    mask = _dense(rollout.masks[t])
+    with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), model.device):
+        context, new_memory = encode(
+            model, _dense(rollout.input_ids[t]), _dense(memory), mask, reset, decode
+        )
+    if not decode:
+        return None, new_memory
+    assert context is not None and targets is not None
+    with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), model.device):
+        loss_sum = decode_loss(
+            model, rollout.decoder_inputs[t], context, mask, rollout.decoder_masks[t], targets
+        )
+    return loss_sum / rollout.num_targets, new_memory
+
+
+def _dense(x: Tensor | None) -> Tensor | None:
+    """``x`` contiguous. Dynamo guards on strides: a segment cut from ``[B, T*L]`` has a row
+    stride ``T*L`` and the initial memory (the bias expanded over the batch) a batch stride 0,
+    each of which would compile another graph (one per rollout length)."""
+    return x if x is None or x.is_contiguous() else x.contiguous()
