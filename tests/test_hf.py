@@ -98,7 +98,8 @@ def test_a_new_model_is_initialised_as_memformer_is() -> None:
     hf = MemformerForCausalLM(MemformerHFConfig.from_memformer_config(tiny_config("decoder")))
     m = hf.memformer
     assert torch.allclose(m.writer.bias.norm(dim=-1), torch.full((3,), 0.1))
-    assert m.writer.gate is not None and torch.equal(m.writer.gate.bias, torch.full((16,), -2.0))
+    assert m.writer.gate is not None
+    assert torch.equal(m.writer.gate.bias, torch.full((16,), m.config.gate_bias_init))
     assert torch.equal(m.norm.weight, torch.ones(16)) and torch.equal(m.norm.bias, torch.zeros(16))
     std = m.config.embedding_init_std
     assert m.embed.weight.std().item() == pytest.approx(std, rel=0.2)

@@ -43,7 +43,7 @@ def test_init_memory_and_initialisation_contract():
     torch.testing.assert_close(m0, F.normalize(bias, dim=-1).expand(3, -1, -1))
     torch.testing.assert_close(bias.norm(dim=-1), torch.full((3,), 0.1))
     assert model.writer.gate is not None
-    assert torch.all(model.writer.gate.bias == -2.0)
+    assert torch.all(model.writer.gate.bias == model.config.gate_bias_init)
     # the memory stays in memory_dtype even when the model runs in another dtype
     assert model.double().init_memory(1).dtype == torch.float32
 
