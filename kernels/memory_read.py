@@ -332,9 +332,10 @@ def memory_read_bwd_dkdv_kernel(
 
 
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
-# Found by compiling candidates for sm_90 and sm_80 with the JIT's own specialisations (aligned and
-# odd shapes) under triton 3.6 and 3.9, largest tiles first, and keeping the first with no register
-# spill on any: tests/test_aot_compile.py re-checks every entry in CI under both.
+# Found by compiling candidates with the JIT's own specialisations (aligned and odd shapes) under
+# triton 3.6 and 3.9, largest tiles first, and keeping the first with no register spill on any:
+# _CONFIGS for sm_90, _SM80_CONFIGS for the entries that spill on sm_80 (taken below compute
+# capability 9.0). tests/test_aot_compile.py re-checks every entry for both targets in CI.
 _CONFIGS: AttentionConfigs = {
     ("fwd", 16): {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 64, 8)},
     ("fwd", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
@@ -343,11 +344,19 @@ _CONFIGS: AttentionConfigs = {
     ("bwd_dkdv", 16): {16: (64, 64, 8), 32: (32, 64, 8), 64: (64, 32, 8), 128: (64, 32, 8)},
     ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 16, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
 }
+_SM80_CONFIGS: AttentionConfigs = {
+    ("fwd", 32): {64: (128, 16, 8)},
+    ("bwd_dq", 16): {16: (128, 64, 4), 64: (128, 32, 8), 128: (32, 64, 8)},
+    ("bwd_dq", 32): {16: (64, 16, 8)},
+}
 
 
 def memory_read_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
-    """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv"), from ``_CONFIGS``."""
-    return attention_tiles(_CONFIGS, kernel, dtype, head_dim_tile("memory_read_attention", Dh))
+    """Tiles and launch options of ``kernel`` ("fwd", "bwd_dq" or "bwd_dkdv"), from ``_CONFIGS``
+    (``_SM80_CONFIGS`` below sm_90)."""
+    return attention_tiles(
+        _CONFIGS, _SM80_CONFIGS, kernel, dtype, head_dim_tile("memory_read_attention", Dh)
+    )
 
 
 def memory_read_fwd(

@@ -477,9 +477,10 @@ def memory_write_bwd_dkdv_kernel(
 
 
 # (kernel, bits per element) -> {padded head dim: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
-# Found by compiling candidates for sm_90 and sm_80 with the JIT's own specialisations (aligned and
-# odd shapes) under triton 3.6 and 3.9, largest tiles first, and keeping the first with no register
-# spill on any: tests/test_aot_compile.py re-checks every entry in CI under both.
+# Found by compiling candidates with the JIT's own specialisations (aligned and odd shapes) under
+# triton 3.6 and 3.9, largest tiles first, and keeping the first with no register spill on any:
+# _CONFIGS for sm_90, _SM80_CONFIGS for the entries that spill on sm_80 (taken below compute
+# capability 9.0). tests/test_aot_compile.py re-checks every entry for both targets in CI.
 _CONFIGS: AttentionConfigs = {
     ("fwd", 16): {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8)},
     ("fwd", 32): {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 32, 4), 128: (32, 16, 8)},
@@ -488,17 +489,25 @@ _CONFIGS: AttentionConfigs = {
     ("bwd_dkdv", 16): {16: (128, 64, 8), 32: (64, 32, 8), 64: (32, 64, 8), 128: (64, 32, 8)},
     ("bwd_dkdv", 32): {16: (64, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 16, 8)},
 }
+_SM80_CONFIGS: AttentionConfigs = {
+    ("fwd", 16): {32: (64, 32, 8), 64: (128, 32, 4), 128: (128, 16, 4)},
+    ("fwd", 32): {32: (32, 64, 8)},
+    ("bwd_dq", 16): {64: (128, 32, 4)},
+    ("bwd_dq", 32): {32: (32, 64, 8), 64: (32, 64, 8)},
+    ("bwd_dkdv", 16): {64: (32, 32, 8), 128: (32, 64, 8)},
+    ("bwd_dkdv", 32): {16: (128, 16, 8)},
+}
 
 
 def memory_write_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, int]:
     """Tiles and launch options of ``kernel`` ("fwd", "fwd_combine", "bwd_dq" or "bwd_dkdv"),
-    from ``_CONFIGS`` (the split combine has fixed ones)."""
+    from ``_CONFIGS`` (``_SM80_CONFIGS`` below sm_90; the split combine has fixed ones)."""
     BLOCK_D = head_dim_tile("memory_write_attention", Dh)
     if kernel == "fwd_combine":
         return {"BLOCK_S": 16, "BLOCK_D": BLOCK_D} | (
             {} if interpreter_enabled() else {"num_warps": 4}
         )
-    return attention_tiles(_CONFIGS, kernel, dtype, BLOCK_D)
+    return attention_tiles(_CONFIGS, _SM80_CONFIGS, kernel, dtype, BLOCK_D)
 
 
 def _mask_args(token_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:

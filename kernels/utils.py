@@ -174,18 +174,33 @@ def head_dim_tile(op: str, Dh: int) -> int:
 AttentionConfigs = dict[tuple[str, int], dict[int, tuple[int, int, int]]]
 
 
+def target_capability() -> int:
+    """Compute capability (90 for sm_90) of the target Triton compiles the next launch for: the
+    current device, as the JIT itself derives it (a stand-in driver names it in the AOT test)."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
 def attention_tiles(
-    configs: AttentionConfigs, kernel: str, dtype: torch.dtype, BLOCK_D: int
+    configs: AttentionConfigs,
+    sm80_configs: AttentionConfigs,
+    kernel: str,
+    dtype: torch.dtype,
+    BLOCK_D: int,
 ) -> dict[str, int]:
     """Tiles and launch options of an attention ``kernel`` from its table ``configs``:
     (kernel, bits per element) -> {BLOCK_D: (BLOCK_L, BLOCK_S, num_warps)}, num_stages 2.
 
-    bfloat16 shares float16's entry; the interpreter takes small tiles so tiny test shapes cross
-    tile borders.
+    ``sm80_configs`` holds the entries that differ below compute capability 9.0 (sm_80's register
+    allocation spills some of sm_90's tiles). bfloat16 shares float16's entry; the interpreter
+    takes small tiles so tiny test shapes cross tile borders.
     """
     if interpreter_enabled():
         return {"BLOCK_L": 16, "BLOCK_S": 16, "BLOCK_D": BLOCK_D}
-    BLOCK_L, BLOCK_S, num_warps = configs[kernel, 8 * min(dtype.itemsize, 4)][BLOCK_D]
+    key = (kernel, 8 * min(dtype.itemsize, 4))
+    tiles = configs[key]
+    if target_capability() < 90:
+        tiles = tiles | sm80_configs.get(key, {})
+    BLOCK_L, BLOCK_S, num_warps = tiles[BLOCK_D]
     return {
         "BLOCK_L": BLOCK_L,
         "BLOCK_S": BLOCK_S,
