@@ -37,6 +37,10 @@ PROBE_SEQUENCES = 256
 # Constant Adam steps of 3e-3 solve the task, then blow it up with loss spikes at T = 8 (see
 # docs/memory_learning.md); 1e-3 learns as fast and stays (the 256-wide encoder-decoder needs less).
 DEFAULT_LR = 1e-3
+# Updates at a number of segments (or a range drawn from at every update). The encoder-decoder
+# starts at 3 (at 2 its decoder cross-attends the key's segment: no memory needed) and ends on a
+# mix of lengths: trained on 8 alone it recalled at T = 16 for two seeds of three (66% for seed 0).
+SCHEDULES = {"decoder": "100:2,100:4,1000:8", "encoder-decoder": "100:3,100:4,1000:3-8"}
 
 
 def build_config(arch: str, d_model: int, task: RecallTask, overrides: dict[str, Any]):
@@ -53,9 +57,15 @@ def build_config(arch: str, d_model: int, task: RecallTask, overrides: dict[str,
     )  # fmt: skip
 
 
-def parse_schedule(text: str) -> list[tuple[int, int]]:
-    """``"150:2,300:4,750:8"`` -> ``[(150, 2), (300, 4), (750, 8)]`` (updates, segments)."""
-    return [(int(n), int(t)) for n, t in (part.split(":") for part in text.split(","))]
+def parse_schedule(text: str) -> list[tuple[int, int, int]]:
+    """``"100:2,100:4,1000:3-8"`` -> ``[(100, 2, 2), (100, 4, 4), (1000, 3, 8)]``: updates, then
+    the number of segments, or a range to draw it from uniformly at every update."""
+    stages = []
+    for part in text.split(","):
+        updates, segments = part.split(":")
+        low, _, high = segments.partition("-")
+        stages.append((int(updates), int(low), int(high or low)))
+    return stages
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,12 +83,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     curve: list[dict[str, float]] = []
     step, start, above = 0, time.perf_counter(), 0
     schedule = parse_schedule(args.schedule)
-    stages = [(i, n) for i, (updates, n) in enumerate(schedule) for _ in range(updates)]
+    stages = [(i, lo, hi) for i, (updates, lo, hi) in enumerate(schedule) for _ in range(updates)]
     last_stage_start = len(stages) - schedule[-1][0]
     stopped_early = False
     peak_loss = peak_norm = 0.0  # the largest since the last evaluation
     try:
-        for stage, num_segments in stages:
+        for stage, low, high in stages:
+            num_segments = low
+            if high > low:  # a mixed-length stage: recall must not depend on the rollout's length
+                num_segments = int(torch.randint(low, high + 1, (1,), generator=batches))
             ids, labels, _ = task.sample(args.batch_size, num_segments, generator=batches)
             opt.zero_grad(set_to_none=True)
             result = mrbp.backward(model, ids, labels=labels)
@@ -217,7 +230,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--clip", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--schedule", default="100:2,100:4,1000:8")
+    p.add_argument("--schedule", help="default: the architecture's, see SCHEDULES")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--stop-at", type=float, default=0.97)
     p.add_argument("--min-final", type=int, default=200, help="updates on the last stage first")
@@ -229,6 +242,7 @@ def main() -> None:
     if args.report:
         report(args.report)
         return
+    args.schedule = args.schedule or SCHEDULES[args.arch]
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = train(args)
     args.out.mkdir(parents=True, exist_ok=True)
