@@ -35,7 +35,7 @@ from memformer_fast.model import Memformer
 
 PROBE_SEQUENCES = 256
 # Constant Adam steps of 3e-3 solve the task, then blow it up with loss spikes at T = 8 (see
-# docs/memory_learning.md); 1e-3 learns as fast and stays (the 256-wide encoder-decoder needs less).
+# docs/memory_learning.md); 1e-3 learns as fast and stays at width 64 (256 wants about 3e-4).
 DEFAULT_LR = 1e-3
 # Updates at a number of segments (or a range drawn from at every update). The encoder-decoder
 # starts at 3 (at 2 its decoder cross-attends the key's segment: no memory needed) and ends on a
