@@ -140,6 +140,12 @@ def run_name(args: argparse.Namespace) -> str:
     return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}"
 
 
+def _changes(r: dict[str, Any]) -> list[str]:
+    """What a run changed from today's defaults: its overrides, then lr and clip if not default."""
+    lr = [f"lr={r['lr']:g}"] if r["lr"] != DEFAULT_LR else []
+    return [*r["overrides"], *lr, *([f"clip={r['clip']:g}"] if r["clip"] != 1.0 else [])]
+
+
 def _table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| arch | d_model | seed | changed from the defaults | schedule | updates "
@@ -148,12 +154,9 @@ def _table(runs: list[dict[str, Any]]) -> list[str]:
     ]
     for r in sorted(runs, key=lambda r: (r["arch"], r["d_model"], r["overrides"], r["seed"])):
         f = r["final"]
-        changed = [*r["overrides"]]
-        changed += [f"lr={r['lr']:g}"] if r["lr"] != DEFAULT_LR else []
-        changed += [f"clip={r['clip']:g}"] if r["clip"] != 1.0 else []
         updates = f"{r['steps']}" + (" (stopped)" if r.get("stopped_early") else "")
         lines.append(
-            f"| {r['arch']} | {r['d_model']} | {r['seed']} | {', '.join(changed) or '-'} | "
+            f"| {r['arch']} | {r['d_model']} | {r['seed']} | {', '.join(_changes(r)) or '-'} | "
             f"{r['schedule']} | {updates} | {r['first_step_95'] or 'never'} | {f['acc8']:.1%} | "
             f"{f['acc16']:.1%} | {f['acc8_reset']:.1%} | {r['seconds'] / 60:.0f} min |"
         )
@@ -168,9 +171,7 @@ GROUPS = {
 
 
 def _label(r: dict[str, Any]) -> str:
-    label = f"{r['arch']} d{r['d_model']} s{r['seed']} {' '.join(r['overrides'])}"
-    label += f" lr={r['lr']:g}" if r["lr"] != DEFAULT_LR else ""
-    return label + (f" clip={r['clip']:g}" if r["clip"] != 1.0 else "")
+    return f"{r['arch']} d{r['d_model']} s{r['seed']} {' '.join(_changes(r))}"
 
 
 def report(folder: Path) -> None:
