@@ -34,9 +34,18 @@ from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
 
 PROBE_SEQUENCES = 256
-# Constant Adam steps of 3e-3 solve the task, then blow it up with loss spikes at T = 8 (see
-# docs/memory_learning.md); 1e-3 learns as fast and stays at width 64 (256 wants about 3e-4).
-DEFAULT_LR = 1e-3
+
+
+def default_lr(d_model: int) -> float:
+    """1e-3 at width 64, scaled as 1 / d_model (as muP scales Adam's step for hidden weights).
+
+    Constant Adam steps of 3e-3 solve the task at width 64, then blow it up with loss spikes at
+    T = 8; 1e-3 learns as fast and stays. At width 256, 1e-3 collapsed two runs of four (gradient
+    norms in the hundreds) where 3e-4 held for all three tried (see docs/memory_learning.md).
+    """
+    return 1e-3 * 64 / d_model
+
+
 # Updates at a number of segments (or a range drawn from at every update). The encoder-decoder
 # starts at 3 (at 2 its decoder cross-attends the key's segment: no memory needed) and ends on a
 # mix of lengths: trained on 8 alone it recalled at T = 16 for two seeds of three (66% for seed 0).
@@ -135,14 +144,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_name(args: argparse.Namespace) -> str:
     extra = "".join(f"_{s.replace('=', '')}" for s in args.set)
-    lr = "" if args.lr == DEFAULT_LR else f"_lr{args.lr:g}"
+    lr = "" if args.lr == default_lr(args.d_model) else f"_lr{args.lr:g}"
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
     return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}"
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
     """What a run changed from today's defaults: its overrides, then lr and clip if not default."""
-    lr = [f"lr={r['lr']:g}"] if r["lr"] != DEFAULT_LR else []
+    lr = [f"lr={r['lr']:g}"] if r["lr"] != default_lr(r["d_model"]) else []
     return [*r["overrides"], *lr, *([f"clip={r['clip']:g}"] if r["clip"] != 1.0 else [])]
 
 
@@ -192,7 +201,8 @@ def report(folder: Path) -> None:
         f"run (with its learning curve) in {', '.join(f'`{g}/`' for g in GROUPS)}. A run: "
         "`python benchmarks/memory_learning.py --arch A --d-model D --seed S [--lr LR] "
         "[--set FIELD=VALUE] [--schedule ...]`. Batch 64, AdamW (no weight decay), gradient "
-        f"clipping at 1.0, lr {DEFAULT_LR:g} unless the table says otherwise; a curriculum over "
+        "clipping at 1.0, lr 1e-3 x 64 / d_model (1e-3 at 64, 2.5e-4 at 256) unless the table "
+        "says otherwise; a curriculum over "
         "the number of segments only (`schedule`: updates at 2 or 3, 4, then 8 segments), stopped "
         "once the T = 8 probe held >= 97% twice, at least `--min-final` updates into the last "
         "stage (200; 100 for the runs at lr 3e-3); 256 held-out probes per length, chance 12.5%. "
@@ -228,7 +238,7 @@ def main() -> None:
     p.add_argument("--arch", default="decoder", choices=("decoder", "encoder-decoder"))
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--lr", type=float, help="default: 1e-3 x 64 / d_model, see default_lr")
     p.add_argument("--clip", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", help="default: the architecture's, see SCHEDULES")
@@ -244,6 +254,7 @@ def main() -> None:
         report(args.report)
         return
     args.schedule = args.schedule or SCHEDULES[args.arch]
+    args.lr = args.lr or default_lr(args.d_model)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = train(args)
     args.out.mkdir(parents=True, exist_ok=True)
