@@ -1,0 +1,157 @@
+"""The CUDA path of every op, traced by ``torch.compile`` on a CPU: kernel launches, not opaque ops.
+
+On CUDA tensors each op of :mod:`memformer_fast.ops` is a ``torch.library.triton_op`` whose body
+launches its Triton kernels through ``torch.library.wrap_triton``, so AOTAutograd's forward and
+backward graphs hold one ``triton_kernel_wrapper_functional`` node per kernel launch (what inductor
+turns into direct calls from its generated code, and what CUDA graphs capture) and no
+``memformer_fast::*`` op. This test proves it without a GPU, in a subprocess where:
+
+- ``TRITON_INTERPRET`` is unset, so the kernels are the JIT functions the GPU compiles (the test
+  session imported interpreted ones);
+- Triton's driver is a stand-in naming an sm_90 target (as in ``test_aot_compile.py``), so the
+  launchers pick the GPU's tiles and Triton derives its specialisation, and a ``jit_cache_hook``
+  skips compiling and launching;
+- the ops' device test (``ops._on_cuda``) answers yes for CPU tensors, and the launchers see 132
+  SMs (an H100/H200), so the split reductions (two kernels, partial sums) are traced as well. A CPU
+  build of torch cannot make fake CUDA tensors that take views, which the launchers need, so the
+  tensors are CPU ones: everything else is the path CUDA tensors take.
+
+``torch.compile(fullgraph=True)`` then runs with an AOTAutograd backend that records the forward
+and backward graphs and runs them eagerly (the launches skipped: the values are not checked here;
+the kernels' numerics are ``test_kernels.py``'s and the GPU validation's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.slow
+
+# Forward and backward kernels of each op, as traced from the shapes below (splits included).
+EXPECTED = {
+    "memory_read": (
+        ["memory_read_fwd_kernel"],
+        ["memory_read_bwd_dq_kernel", "memory_read_bwd_dkdv_kernel"],
+    ),
+    "memory_write": (
+        ["memory_write_fwd_kernel", "memory_write_fwd_combine_kernel"],
+        ["memory_write_bwd_dq_kernel", "memory_write_bwd_dkdv_kernel"],
+    ),
+    "gated_update": (["gated_update_fwd_kernel"], ["gated_update_bwd_kernel"]),
+}
+
+
+def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """Compile each op's forward and backward, on the CUDA path or (``cuda_path=False``) on the
+    CPU's; per op and graph ("forward", "backward"), the kernels launched in order and the
+    ``memformer_fast`` ops left opaque."""
+    import torch
+    from functorch.compile import make_boxed_func
+    from memformer_fast.kernels import utils
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from memformer_fast import ops
+
+    class TargetDriver:
+        """Names an sm_90 target; launches nothing."""
+
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def get_current_stream(self, device: int) -> int:
+            return 0
+
+    driver.set_active(TargetDriver())
+    knobs.runtime.jit_cache_hook = lambda **_: True  # specialised, then neither compiled nor run
+    if cuda_path:
+        ops._on_cuda = lambda t: True  # type: ignore[assignment]
+        utils.num_sms = lambda device: 132  # type: ignore[assignment]
+
+    def kernel_name(node: torch.fx.Node) -> str:
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        while not isinstance(kernel, JITFunction):  # num_warps wraps it in a one-config Autotuner
+            kernel = kernel.fn
+        return kernel.fn.__name__
+
+    def summary(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        return {
+            "kernels": [kernel_name(n) for n in nodes if "triton_kernel_wrapper" in str(n.target)],
+            "opaque": [str(n.target) for n in nodes if str(n.target).startswith("memformer_fast.")],
+        }
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, requires_grad=True)
+
+    mask = torch.rand(2, 300) > 0.3
+    cases = {
+        # L = 300 tokens: the read's dk/dv and the write's forward and dq split the token axis.
+        "memory_read": (
+            lambda q, k, v: ops.memory_read_attention(q, k, v, 0.25),
+            (leaf(2, 300, 2, 32), leaf(2, 16, 2, 32), leaf(2, 16, 2, 32)),
+        ),
+        "memory_write": (
+            lambda q, ks, vs, k, v: ops.memory_write_attention(q, ks, vs, k, v, mask, 0.5, 0.25),
+            (*(leaf(2, 16, 2, 32) for _ in range(3)), leaf(2, 300, 2, 32), leaf(2, 300, 2, 32)),
+        ),
+        # A batch of 8: the bias gradient is split over the batch.
+        "gated_update": (
+            lambda m, c, b, g: ops.gated_memory_update(m, c, b, g, 1e-6),
+            (leaf(8, 16, 64), leaf(8, 16, 64), leaf(16, 64), leaf(8, 16, 64)),
+        ),
+    }
+    result = {}
+    for name, (fn, inputs) in cases.items():
+        graphs: list[torch.fx.GraphModule] = []
+
+        def record(gm: torch.fx.GraphModule, _inputs: list, graphs: list = graphs):
+            graphs.append(gm)
+            return make_boxed_func(gm)
+
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+        out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+        out.backward(torch.randn_like(out))
+        assert len(graphs) == 2, f"{name}: {len(graphs)} graphs"
+        result[name] = {
+            part: summary(gm) for part, gm in zip(("forward", "backward"), graphs, strict=True)
+        }
+    return result
+
+
+def test_cuda_path_traces_to_kernel_launches() -> None:
+    """Every forward and backward graph launches the op's kernels and holds no opaque op on the
+    CUDA path; on the CPU's (the control: what every device got before), only the opaque op."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    traced = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, kernels in EXPECTED.items():
+        for part, launched in zip(("forward", "backward"), kernels, strict=True):
+            cuda, cpu = traced["cuda"][name][part], traced["cpu"][name][part]
+            assert cuda == {"kernels": launched, "opaque": []}, (name, part, cuda)
+            assert cpu["kernels"] == [], (name, part, cpu)
+            assert len(cpu["opaque"]) == 1, (name, part, cpu)
+            assert cpu["opaque"][0].endswith("_portable.default"), (name, part, cpu)
+
+
+if __name__ == "__main__":
+    cpu = _trace(cuda_path=False)  # first: the CUDA path's patches stay
+    print(json.dumps({"cpu": cpu, "cuda": _trace(cuda_path=True)}))
