@@ -31,6 +31,7 @@ either direction. The functions at the bottom are what :mod:`memformer_fast.func
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -57,8 +58,7 @@ _LAUNCHERS = {
 def _kernels() -> ModuleType:
     """The kernels, imported on first use: importing them imports Triton, which is slow and
     optional off CUDA, and decides (from ``TRITON_INTERPRET``) whether they are interpreted."""
-    from memformer_fast import kernels
-
+    kernels = importlib.import_module("memformer_fast.kernels")  # installed from kernels/
     # triton_op finds the kernels of an op by reading its body's source, which launches them
     # through the launchers of a module imported only now; name them here, for the compile
     # caches, whose keys hash the kernels' sources (private to torch: skipped where it moved).

@@ -47,6 +47,17 @@ EXPECTED = {
 }
 
 
+# The kernels named for each op's compile-cache key.
+REGISTERED = {
+    "memory_read_fwd": EXPECTED["memory_read"][0],
+    "memory_read_bwd": EXPECTED["memory_read"][1],
+    "memory_write_fwd": EXPECTED["memory_write"][0],
+    "memory_write_bwd": EXPECTED["memory_write"][1],
+    "gated_memory_update_fwd": EXPECTED["gated_update"][0],
+    "gated_memory_update_bwd": EXPECTED["gated_update"][1],
+}
+
+
 def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
     """Compile each op's forward and backward, on the CUDA path or (``cuda_path=False``) on the
     CPU's; per op and graph ("forward", "backward"), the kernels launched in order and the
@@ -150,8 +161,18 @@ def test_cuda_path_traces_to_kernel_launches() -> None:
             assert cpu["kernels"] == [], (name, part, cpu)
             assert len(cpu["opaque"]) == 1, (name, part, cpu)
             assert cpu["opaque"][0].endswith("_portable.default"), (name, part, cpu)
+    for op, kernels in REGISTERED.items():
+        assert traced["registry"][f"memformer_fast::{op}"] == kernels, op
 
 
 if __name__ == "__main__":
+    import torch
+
     cpu = _trace(cuda_path=False)  # first: the CUDA path's patches stay
-    print(json.dumps({"cpu": cpu, "cuda": _trace(cuda_path=True)}))
+    cuda = _trace(cuda_path=True)
+    # What the compile caches hash: the kernels ops._kernels() named for each op.
+    registry = {
+        op: [k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(op)]
+        for op in (f"memformer_fast::{name}" for name in REGISTERED)
+    }
+    print(json.dumps({"cpu": cpu, "cuda": cuda, "registry": registry}))
