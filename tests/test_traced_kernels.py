@@ -19,14 +19,21 @@ turns into direct calls from its generated code, and what CUDA graphs capture) a
 ``torch.compile(fullgraph=True)`` then runs with an AOTAutograd backend that records the forward
 and backward graphs and runs them eagerly (the launches skipped: the values are not checked here;
 the kernels' numerics are ``test_kernels.py``'s and the GPU validation's).
+
+Inductor does not import a user kernel: it writes the kernel's source and the Triton functions and
+constants it uses into its generated code. The second test checks that this copy of every kernel
+compiles for sm_90 to the PTX the kernel itself compiles to, with a specialisation the launchers
+make (from ``test_aot_compile.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -100,9 +107,18 @@ def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
 
     def summary(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
         nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        launches = [n for n in nodes if "triton_kernel_wrapper" in str(n.target)]
         return {
-            "kernels": [kernel_name(n) for n in nodes if "triton_kernel_wrapper" in str(n.target)],
+            "kernels": [kernel_name(n) for n in launches],
             "opaque": [str(n.target) for n in nodes if str(n.target).startswith("memformer_fast.")],
+            # Graph inputs the functional launch copies because the kernel writes them: none when
+            # Triton's analysis of the kernel (its TTIR for sm_90) found what each one writes.
+            "copied_inputs": [
+                name
+                for n in launches
+                for name in n.kwargs["tensors_to_clone"]
+                if getattr(n.kwargs["kwargs"][name], "op", None) == "placeholder"
+            ],
         }
 
     def leaf(*shape: int) -> torch.Tensor:
@@ -144,20 +160,63 @@ def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
     return result
 
 
-def test_cuda_path_traces_to_kernel_launches() -> None:
-    """Every forward and backward graph launches the op's kernels and holds no opaque op on the
-    CUDA path; on the CPU's (the control: what every device got before), only the opaque op."""
+def _inductor_copies() -> dict[str, bool]:
+    """Per kernel: whether inductor's copy of its source compiles for sm_90 to the same PTX (debug
+    lines aside) as the kernel, with the launchers' specialisation at float16, head dim 64."""
+    import triton
+    from test_aot_compile import _specialisations
+    from torch._inductor.codegen.wrapper import (
+        user_defined_triton_kernel_transitive_closure_source_code as inductor_source,
+    )
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def ptx(kernel, entry: dict) -> list[str]:  # type: ignore[no-untyped-def]
+        source = ASTSource(kernel, entry["signature"], entry["constexprs"], entry["attrs"])
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options=entry["options"]
+        )
+        body = compiled.asm["ptx"].split(".entry", 1)[1].split(".section", 1)[0]
+        debug = (".loc", ".file", "$L__", "//")
+        return [line for line in body.splitlines() if not line.strip().startswith(debug)]
+
+    result: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, kernel, entry in _specialisations(90, ["float16 Dh64 aligned", "float16 D512"]):
+            name = kernel.__name__
+            if name in result:
+                continue
+            path = os.path.join(tmp, f"{name}.py")
+            with open(path, "w") as f:  # what inductor's generated module holds
+                f.write("import triton\nimport triton.language as tl\n\n\n@triton.jit\n")
+                f.write(inductor_source(kernel) + "\n")
+            spec = importlib.util.spec_from_file_location(f"inductor_copy_{name}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            result[name] = ptx(getattr(module, name), entry) == ptx(kernel, entry)
+    return result
+
+
+def _run_here(*args: str) -> dict:
+    """This file run as a script with ``args``, without ``TRITON_INTERPRET``: its JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.run(
-        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=900
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    traced = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_cuda_path_traces_to_kernel_launches() -> None:
+    """Every forward and backward graph launches the op's kernels and holds no opaque op on the
+    CUDA path; on the CPU's (the control: what every device got before), only the opaque op."""
+    traced = _run_here("trace")
     for name, kernels in EXPECTED.items():
         for part, launched in zip(("forward", "backward"), kernels, strict=True):
             cuda, cpu = traced["cuda"][name][part], traced["cpu"][name][part]
-            assert cuda == {"kernels": launched, "opaque": []}, (name, part, cuda)
+            assert cuda == {"kernels": launched, "opaque": [], "copied_inputs": []}, cuda
             assert cpu["kernels"] == [], (name, part, cpu)
             assert len(cpu["opaque"]) == 1, (name, part, cpu)
             assert cpu["opaque"][0].endswith("_portable.default"), (name, part, cpu)
@@ -165,7 +224,16 @@ def test_cuda_path_traces_to_kernel_launches() -> None:
         assert traced["registry"][f"memformer_fast::{op}"] == kernels, op
 
 
-if __name__ == "__main__":
+@pytest.mark.aot
+def test_inductors_copy_of_each_kernel_compiles_to_the_same_ptx() -> None:
+    copies = _run_here("inductor-copies")
+    expected = {kernel for forward, backward in EXPECTED.values() for kernel in forward + backward}
+    assert copies == dict.fromkeys(expected, True)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["inductor-copies"]:
+    print(json.dumps(_inductor_copies()))
+elif __name__ == "__main__":
     import torch
 
     cpu = _trace(cuda_path=False)  # first: the CUDA path's patches stay
