@@ -72,12 +72,12 @@ if ((DRY_RUN)); then
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py \
         -k "(test_memory_read and float32 and B2-L17) or test_extension_is_built or test_write_all_padding"
 else
-    stage tests 170 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
+    stage tests 160 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py
 fi
 stage correctness 60 "$PY" benchmarks/gpu_validate.py correctness --out "$OUT_DIR" "${FLAGS[@]}"
 stage kernels 60 "$PY" benchmarks/gpu_validate.py kernels --out "$OUT_DIR" "${FLAGS[@]}"
-stage compiled 40 "$PY" benchmarks/gpu_validate.py compiled --out "$OUT_DIR" "${FLAGS[@]}"
+stage compiled 50 "$PY" benchmarks/gpu_validate.py compiled --out "$OUT_DIR" "${FLAGS[@]}"
 stage training 50 "$PY" benchmarks/gpu_validate.py training --out "$OUT_DIR" "${FLAGS[@]}"
 "$PY" benchmarks/gpu_validate.py report --out "$OUT_DIR" --command "$COMMAND" "${FLAGS[@]}" \
     > /dev/null || FAILED=1

@@ -182,6 +182,7 @@ def gated_update_config(kernel: str, D: int) -> dict[str, int]:
     about eight tiles live per batch item) spread over enough warps that each thread owns at most
     eight elements of a tile: no register spills up to ``MAX_WIDTH`` (checked ahead of time in CI).
     """
+    D = int(D)  # traced with dynamic shapes: the tiles specialise the graph on the width
     if D > MAX_WIDTH:
         raise ValueError(f"gated_memory_update kernels support a width D <= {MAX_WIDTH}, got {D}")
     BLOCK_D = triton.next_power_of_2(D)

@@ -65,19 +65,13 @@ REGISTERED = {
 }
 
 
-def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
-    """Compile each op's forward and backward, on the CUDA path or (``cuda_path=False``) on the
-    CPU's; per op and graph ("forward", "backward"), the kernels launched in order and the
-    ``memformer_fast`` ops left opaque."""
-    import torch
-    from functorch.compile import make_boxed_func
+def _simulate_cuda() -> None:
+    """From now on in this process, the ops take their CUDA path on CPU tensors, for an sm_90
+    device with 132 SMs, and launches are specialised by Triton but neither compiled nor run."""
     from memformer_fast.kernels import utils
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     from memformer_fast import ops
 
@@ -94,10 +88,22 @@ def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
             return 0
 
     driver.set_active(TargetDriver())
-    knobs.runtime.jit_cache_hook = lambda **_: True  # specialised, then neither compiled nor run
-    if cuda_path:
-        ops._on_cuda = lambda t: True  # type: ignore[assignment]
-        utils.num_sms = lambda device: 132  # type: ignore[assignment]
+    knobs.runtime.jit_cache_hook = lambda **_: True
+    ops._on_cuda = lambda t: True  # type: ignore[assignment]
+    utils.num_sms = lambda device: 132  # type: ignore[assignment]
+
+
+def _trace(dynamic: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """Compile each op's forward and backward (with all sizes symbolic if ``dynamic``); per op and
+    graph ("forward", "backward"), the kernels launched in order, the ``memformer_fast`` ops left
+    opaque and the graph inputs copied for a launch."""
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from triton.runtime.jit import JITFunction
+
+    from memformer_fast import ops
 
     def kernel_name(node: torch.fx.Node) -> str:
         kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
@@ -151,13 +157,48 @@ def _trace(cuda_path: bool) -> dict[str, dict[str, dict[str, list[str]]]]:
 
         torch._dynamo.reset()
         backend = aot_autograd(fw_compiler=record, bw_compiler=record)
-        out = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+        out = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)(*inputs)
         out.backward(torch.randn_like(out))
         assert len(graphs) == 2, f"{name}: {len(graphs)} graphs"
         result[name] = {
             part: summary(gm) for part, gm in zip(("forward", "backward"), graphs, strict=True)
         }
     return result
+
+
+def _opcheck() -> list[str]:
+    """``opcheck``'s schema, autograd-registration and fake-tensor tests of every op (the fake
+    implementation is the op's body on fake tensors: same shapes, dtypes and strides as a real
+    call); the failures. Its numerical tests need the kernels to run."""
+    import torch
+
+    from memformer_fast import ops
+
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    q, k, v, do = (torch.randn(2, size, 2, 32) for size in (300, 16, 16, 300))
+    mask = torch.rand(2, 300) > 0.3
+    m, c, g = (torch.randn(8, 16, 64) for _ in range(3))
+    bias = torch.randn(16, 64)
+    write = (torch.randn(2, 16, 2, 32), torch.randn(2, 16, 2, 32), torch.randn(2, 16, 2, 32), q, q)
+    o, lse = ops.memory_write_fwd(*write, mask, 0.5, 0.25)
+    calls = [
+        ("memory_read_fwd", (q, k, v, 0.25)),
+        ("memory_read_bwd", (do, q, k, v, ops.memory_read_fwd(q, k, v, 0.25)[1], 0.25)),
+        ("memory_write_fwd", (*write, mask, 0.5, 0.25)),
+        ("memory_write_fwd", (*write, None, 0.5, 0.25)),
+        ("memory_write_bwd", (o, *write, mask, o, lse, 0.5, 0.25)),
+        ("gated_memory_update_fwd", (m, c, bias, g, 1e-6)),
+        ("gated_memory_update_bwd", (m, m, c, bias, g, 1e-6)),
+        ("gated_memory_update_bwd", (m, m, c, bias, None, 1e-6)),
+    ]
+    failures = []
+    for name, args in calls:
+        op = getattr(torch.ops.memformer_fast, name).default
+        try:
+            torch.library.opcheck(op, args, test_utils=utils)
+        except Exception as error:  # reported by the test
+            failures.append(f"{name}: {type(error).__name__}: {error}"[:2000])
+    return failures
 
 
 def _inductor_copies() -> dict[str, bool]:
@@ -215,13 +256,17 @@ def test_cuda_path_traces_to_kernel_launches() -> None:
     traced = _run_here("trace")
     for name, kernels in EXPECTED.items():
         for part, launched in zip(("forward", "backward"), kernels, strict=True):
-            cuda, cpu = traced["cuda"][name][part], traced["cpu"][name][part]
-            assert cuda == {"kernels": launched, "opaque": [], "copied_inputs": []}, cuda
+            cpu = traced["cpu"][name][part]
+            for shapes in ("cuda", "cuda dynamic"):
+                cuda = traced[shapes][name][part]
+                expected = {"kernels": launched, "opaque": [], "copied_inputs": []}
+                assert cuda == expected, (shapes, name, part, cuda)
             assert cpu["kernels"] == [], (name, part, cpu)
             assert len(cpu["opaque"]) == 1, (name, part, cpu)
             assert cpu["opaque"][0].endswith("_portable.default"), (name, part, cpu)
     for op, kernels in REGISTERED.items():
         assert traced["registry"][f"memformer_fast::{op}"] == kernels, op
+    assert traced["opcheck"] == []
 
 
 @pytest.mark.aot
@@ -236,11 +281,13 @@ if __name__ == "__main__" and sys.argv[1:] == ["inductor-copies"]:
 elif __name__ == "__main__":
     import torch
 
-    cpu = _trace(cuda_path=False)  # first: the CUDA path's patches stay
-    cuda = _trace(cuda_path=True)
+    cpu = _trace(dynamic=False)
+    _simulate_cuda()
+    cuda, cuda_dynamic = _trace(dynamic=False), _trace(dynamic=True)
     # What the compile caches hash: the kernels ops._kernels() named for each op.
     registry = {
         op: [k.fn.__name__ for k in torch._library.triton.get_triton_kernels_for_op(op)]
         for op in (f"memformer_fast::{name}" for name in REGISTERED)
     }
-    print(json.dumps({"cpu": cpu, "cuda": cuda, "registry": registry}))
+    result = {"cpu": cpu, "cuda": cuda, "cuda dynamic": cuda_dynamic, "registry": registry}
+    print(json.dumps(result | {"opcheck": _opcheck()}))
