@@ -43,6 +43,21 @@ from . import reference
 from .backends import accumulation_dtype, interpreter_enabled, triton_available
 from .reference import no_autocast
 
+# Schema of each op (and of its portable op); a triton_op infers the same from its annotations.
+_SCHEMAS = {
+    "memory_read_fwd": "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    "memory_read_bwd": "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+    "memory_write_fwd": "(Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
+    "Tensor? token_mask, float temperature, float scale) -> (Tensor, Tensor)",
+    "memory_write_bwd": "(Tensor do, Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
+    "Tensor? token_mask, Tensor o, Tensor lse, float temperature, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gated_memory_update_fwd": "(Tensor memory, Tensor candidate, Tensor bias, "
+    "Tensor? gate_logits, float eps) -> Tensor",
+    "gated_memory_update_bwd": "(Tensor dout, Tensor memory, Tensor candidate, Tensor bias, "
+    "Tensor? gate_logits, float eps) -> Tensor[]",
+}
 # Launcher of each op (memformer_fast.kernels).
 _LAUNCHERS = {
     "memory_read_fwd": "memory_read_fwd",
@@ -90,7 +105,20 @@ def _kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., A
         triton_op = getattr(torch.library, "triton_op", None)
         if triton_op is not None:
             return triton_op(qualname, mutates_args=())(body)
-        op = torch.library.custom_op(qualname, mutates_args=())(body)
+        op = torch.library.custom_op(qualname, mutates_args=(), schema=_SCHEMAS[name])(body)
+        op.register_fake(fake)
+        return op
+
+    return define
+
+
+def _portable_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: the opaque ``custom_op`` ``memformer_fast::<name>_portable`` with the decorated
+    body (the interpreter or PyTorch) and ``fake``, which the op ``name`` calls off CUDA."""
+
+    def define(body: Callable[..., Any]) -> Any:
+        qualname = f"memformer_fast::{name}_portable"
+        op = torch.library.custom_op(qualname, mutates_args=(), schema=_SCHEMAS[name])(body)
         op.register_fake(fake)
         return op
 
@@ -123,11 +151,7 @@ def _read_fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tenso
     return _empty_like(q), q.new_empty((B, H, L), dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_read_fwd_portable",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-)
+@_portable_op("memory_read_fwd", _read_fwd_fake)
 def _memory_read_fwd_portable(
     q: Tensor, k: Tensor, v: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -135,9 +159,6 @@ def _memory_read_fwd_portable(
         return _kernels().memory_read_fwd(q, k, v, scale)
     o = reference.memory_read_attention(q, k, v, scale).contiguous()
     return o, torch.logsumexp(_read_logits(q, k, scale), dim=-1)
-
-
-_memory_read_fwd_portable.register_fake(_read_fwd_fake)
 
 
 @_kernel_op("memory_read_fwd", _read_fwd_fake)
@@ -170,21 +191,13 @@ def _read_bwd_fake(
     return _empty_like(q), _empty_like(k), _empty_like(v)
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_read_bwd_portable",
-    mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor lse, float scale) "
-    "-> (Tensor, Tensor, Tensor)",
-)
+@_portable_op("memory_read_bwd", _read_bwd_fake)
 def _memory_read_bwd_portable(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _interpreted(q):
         return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
     return _read_bwd_reference(do, q, k, v, lse, scale)
-
-
-_memory_read_bwd_portable.register_fake(_read_bwd_fake)
 
 
 @_kernel_op("memory_read_bwd", _read_bwd_fake)
@@ -261,12 +274,7 @@ def _write_fwd_fake(
     return q.new_empty(q.shape, dtype=acc), q.new_empty((B, H, S), dtype=acc)
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_write_fwd_portable",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, Tensor? token_mask, "
-    "float temperature, float scale) -> (Tensor, Tensor)",
-)
+@_portable_op("memory_write_fwd", _write_fwd_fake)
 def _memory_write_fwd_portable(
     q: Tensor,
     k_self: Tensor,
@@ -286,9 +294,6 @@ def _memory_write_fwd_portable(
     s_self, s_tok = _write_logits(q, k_self, k, token_mask, scale / temperature)
     lse = torch.logsumexp(torch.cat([s_self[..., None], s_tok], dim=-1), dim=-1)
     return o, lse.transpose(1, 2).contiguous()
-
-
-_memory_write_fwd_portable.register_fake(_write_fwd_fake)
 
 
 @_kernel_op("memory_write_fwd", _write_fwd_fake)
@@ -374,13 +379,7 @@ def _write_bwd_fake(
     )
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_write_bwd_portable",
-    mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
-    "Tensor? token_mask, Tensor o, Tensor lse, float temperature, float scale) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
+@_portable_op("memory_write_bwd", _write_bwd_fake)
 def _memory_write_bwd_portable(
     do: Tensor,
     q: Tensor,
@@ -399,9 +398,6 @@ def _memory_write_bwd_portable(
             do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
         )
     return _write_bwd_reference(do, q, k_self, v_self, k, v, token_mask, lse, scale / temperature)
-
-
-_memory_write_bwd_portable.register_fake(_write_bwd_fake)
 
 
 @_kernel_op("memory_write_bwd", _write_bwd_fake)
@@ -457,21 +453,13 @@ def _gated_fwd_fake(
     return _empty_like(memory)
 
 
-@torch.library.custom_op(
-    "memformer_fast::gated_memory_update_fwd_portable",
-    mutates_args=(),
-    schema="(Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, float eps) "
-    "-> Tensor",
-)
+@_portable_op("gated_memory_update_fwd", _gated_fwd_fake)
 def _gated_memory_update_fwd_portable(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
     if _interpreted(memory):
         return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
     return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps).contiguous()
-
-
-_gated_memory_update_fwd_portable.register_fake(_gated_fwd_fake)
 
 
 @_kernel_op("gated_memory_update_fwd", _gated_fwd_fake)
@@ -541,12 +529,7 @@ def _gated_bwd_fake(
     return [_empty_like(t) for t in like]
 
 
-@torch.library.custom_op(
-    "memformer_fast::gated_memory_update_bwd_portable",
-    mutates_args=(),
-    schema="(Tensor dout, Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, "
-    "float eps) -> Tensor[]",
-)
+@_portable_op("gated_memory_update_bwd", _gated_bwd_fake)
 def _gated_memory_update_bwd_portable(
     dout: Tensor,
     memory: Tensor,
@@ -558,9 +541,6 @@ def _gated_memory_update_bwd_portable(
     if _interpreted(memory):
         return _gated_bwd_triton(dout, memory, candidate, bias, gate_logits, eps)
     return _gated_bwd_reference(dout, memory, candidate, bias, gate_logits, eps)
-
-
-_gated_memory_update_bwd_portable.register_fake(_gated_bwd_fake)
 
 
 @_kernel_op("gated_memory_update_bwd", _gated_bwd_fake)

@@ -73,6 +73,15 @@ def _detached(args: tuple) -> tuple:
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def test_schemas() -> None:
+    """Each op's schema (a triton_op's is inferred from its annotations) is the one its portable op
+    and the torch < 2.6 fallback declare, argument names included."""
+    for name, schema in ops._SCHEMAS.items():
+        for qualname in (name, f"{name}_portable"):
+            declared = str(getattr(torch.ops.memformer_fast, qualname).default._schema)
+            assert declared == f"memformer_fast::{qualname}{schema}", declared
+
+
 def test_opcheck(path: str) -> None:
     """Schema, fake tensors, autograd registration and AOT dispatch of every op, both paths."""
     f32 = torch.float32
