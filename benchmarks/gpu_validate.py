@@ -10,6 +10,10 @@
 - ``kernels``: each kernel's time (CUDA events, inputs rotated through more than the L2 cache)
   against its floor: the larger of bytes moved / measured copy bandwidth and FLOPs / measured
   bfloat16 matmul rate; ``scaled_dot_product_attention`` as the memory read's baseline;
+- ``compiled``: the three ops chained (read, write, gated update), forward and backward, eager
+  vs ``torch.compile`` (inductor) vs CUDA graphs (``mode="reduce-overhead"``) at the paper's step
+  shape: the same values, the graphs' kernel launches (``triton_op``: no opaque op), no CUDA-graph
+  skip, and the time per step (host-bound at these sizes, which is what compiling removes);
 - ``training``: one MRBP training step of the paper's encoder-decoder model at T = 4 and 16
   segments, with and without offload: time, tokens/s, peak memory;
 - ``report``: ``results.json`` (every stage's JSON, the stage log, the command) and ``results.md``.
@@ -363,6 +367,112 @@ def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
+# compiled: the ops inside torch.compile graphs, eager vs compiled vs CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+# (B, H, Dh, S, L) of the paper's step: batch 8, d_model 512 as 8 heads of 64, 32 slots, segments
+# of 64 tokens. Every kernel does about a microsecond of work here: the host decides the speed.
+GPU_COMPILED = (8, 8, 64, 32, 64)
+DRY_COMPILED = (1, 2, 16, 5, 17)
+
+
+def _chain_inputs(shape: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(float32 leaves of :func:`_chain`, its token mask [B, L], an upstream gradient [B, S, D])."""
+    B, H, Dh, S, L = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen).to(DEVICE).requires_grad_()
+
+    leaves = [randn(B, L, H, Dh), randn(B, S, H, Dh), randn(B, S, H, Dh)]  # read: q, k, v
+    leaves += [randn(B, S, H, Dh) for _ in range(3)]  # write: q, k_self, v_self
+    leaves += [randn(B, S, H * Dh), randn(S, H * Dh), randn(B, S, H * Dh)]  # memory, bias, gate
+    mask = (torch.rand(B, L, generator=gen) > 0.2).to(DEVICE)
+    return leaves, mask, torch.randn(B, S, H * Dh, generator=gen).to(DEVICE)
+
+
+def _chain(q, k, v, wq, wks, wvs, memory, bias, gate, mask):  # type: ignore[no-untyped-def]
+    """The three ops chained as a model chains them: the tokens read the memory, the slots write
+    from what was read, the gated update makes the new memory [B, S, D]."""
+    from memformer_fast import ops
+
+    h = ops.memory_read_attention(q, k, v, q.shape[-1] ** -0.5)
+    written = ops.memory_write_attention(wq, wks, wvs, h, h, mask, 0.5, q.shape[-1] ** -0.5)
+    return ops.gated_memory_update(memory, written.flatten(2), bias, gate, 1e-5)
+
+
+def _graph_nodes(leaves: list[torch.Tensor], mask: torch.Tensor) -> dict[str, Any]:
+    """Kernel launches and ``memformer_fast`` ops left in AOTAutograd's forward and backward
+    graphs of :func:`_chain` (on CUDA: launches only; on the CPU: the portable ops)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list) -> Callable[..., Any]:
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    out = torch.compile(_chain, backend=backend, fullgraph=True)(*leaves, mask)
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    return {
+        "graphs": len(graphs),
+        "kernel_launches": sum("triton_kernel_wrapper" in t for t in targets),
+        "opaque_ops": [t for t in targets if t.startswith("memformer_fast.")],
+    }
+
+
+def stage_compiled(args: argparse.Namespace) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shape = DRY_COMPILED if args.dry_run else GPU_COMPILED
+    leaves, mask, grad = _chain_inputs(shape)
+    nodes = _graph_nodes(leaves, mask)
+    # CUDA graphs need CUDA; a dry run checks the graphs without inductor's code generation.
+    modes = {"eager": None, "compiled": "default"}
+    if DEVICE.type == "cuda":
+        modes["cuda graphs"] = "reduce-overhead"
+    backend = "aot_eager" if args.dry_run else "inductor"
+    rows, expected = [], None
+    for name, mode in modes.items():
+        torch._dynamo.reset()
+        counters.clear()
+        fn: Callable[..., torch.Tensor] = _chain
+        if mode is not None:
+            options = {"mode": mode} if backend == "inductor" else {}
+            fn = torch.compile(_chain, backend=backend, fullgraph=True, dynamic=False, **options)
+
+        def step(fn: Callable[..., torch.Tensor] = fn) -> list[torch.Tensor]:
+            if DEVICE.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            out = fn(*leaves, mask)
+            return [out, *torch.autograd.grad(out, leaves, grad)]
+
+        start = time.perf_counter()
+        for _ in range(3):  # compiles, then records the CUDA graphs
+            values = [t.detach().clone() for t in step()]
+        compile_s = time.perf_counter() - start
+        expected = values if expected is None else expected
+        error = max(relative_error(a, e) for a, e in zip(values, expected))
+        seconds = _time_per_call(step, 1 if args.dry_run else 200)
+        skips = counters["inductor"]["cudagraph_skips"]
+        rows.append(
+            dict(mode=name, ms_per_step=seconds * 1e3, warmup_s=compile_s,
+                 error_vs_eager=error, cudagraph_skips=skips)
+        )  # fmt: skip
+    B, H, Dh, S, L = shape
+    passed = all(r["error_vs_eager"] < 1e-5 and r["cudagraph_skips"] == 0 for r in rows)
+    if DEVICE.type == "cuda":  # on the CPU the ops stay opaque (interpreter or reference)
+        passed = passed and nodes["kernel_launches"] > 0 and not nodes["opaque_ops"]
+    return {"passed": passed, "B": B, "H": H, "Dh": Dh, "S": S, "L": L, "dtype": "float32",
+            "backend": backend, "graph": nodes, "rows": rows}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
 # training: one MRBP step of the paper's model
 # ------------------------------------------------------------------------------------------------
 
@@ -449,6 +559,20 @@ def _markdown(report: dict[str, Any]) -> str:
             shape = f"{r['B']} {r['H']} {r['Dh']} {r['S']} {r['L']}"
             lines.append(f"| {r['kernel']} | {r['dtype']} | {shape} | {r['ms']:.3f} | "
                          f"{r['floor_ms']:.3f} | {r['fraction_of_floor']:.2f} |")  # fmt: skip
+    compiled = report.get("compiled")
+    if compiled:
+        graph = compiled["graph"]
+        shape = " ".join(str(compiled[k]) for k in ("B", "H", "Dh", "S", "L"))
+        lines += ["", f"## The three ops chained, forward and backward, compiled: "
+                  f"{'passed' if compiled['passed'] else 'FAILED'}", "",
+                  f"B H Dh S L {shape}, {compiled['dtype']}, backend {compiled['backend']}; "
+                  f"{graph['kernel_launches']} kernel launches and "
+                  f"{len(graph['opaque_ops'])} opaque ops in the graphs", "",
+                  "| mode | ms per step | warm-up s | error vs eager | CUDA-graph skips |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in compiled["rows"]:
+            lines.append(f"| {r['mode']} | {r['ms_per_step']:.3f} | {r['warmup_s']:.1f} | "
+                         f"{r['error_vs_eager']:.1e} | {r['cudagraph_skips']} |")  # fmt: skip
     training = report.get("training")
     if training:
         lines += ["", "## One MRBP training step", "",
@@ -465,7 +589,7 @@ def stage_report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
     report: dict[str, Any] = {"command": args.command, "dry_run": args.dry_run, "stages": stages}
-    for name in ("env", "correctness", "kernels", "training"):
+    for name in ("env", "correctness", "kernels", "compiled", "training"):
         report[name] = _load(out, name)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "results.md").write_text(_markdown(report))
@@ -476,6 +600,7 @@ STAGES = {
     "env": stage_env,
     "correctness": stage_correctness,
     "kernels": stage_kernels,
+    "compiled": stage_compiled,
     "training": stage_training,
     "report": stage_report,
 }

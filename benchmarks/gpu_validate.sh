@@ -11,6 +11,7 @@
 #   tests        kernels, ops, replay buffer, model on Triton (CUDA)    tests.log
 #   correctness  realistic shapes, bf16/fp16/fp32, NaN-poisoned outputs correctness.json
 #   kernels      each kernel's time against its floor, SDPA baseline    kernels.json
+#   compiled     the ops chained: eager vs torch.compile vs CUDA graphs compiled.json
 #   training     one MRBP step of the paper's model, T 4/16, offload    training.json
 #   report       results.json and results.md (GPU, driver, versions, date, command)
 # A stage that fails or times out is recorded (stages.jsonl) and the next one still runs; the exit
@@ -71,12 +72,13 @@ if ((DRY_RUN)); then
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py \
         -k "(test_memory_read and float32 and B2-L17) or test_extension_is_built or test_write_all_padding"
 else
-    stage tests 200 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
+    stage tests 160 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
         tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py
 fi
 stage correctness 60 "$PY" benchmarks/gpu_validate.py correctness --out "$OUT_DIR" "${FLAGS[@]}"
 stage kernels 60 "$PY" benchmarks/gpu_validate.py kernels --out "$OUT_DIR" "${FLAGS[@]}"
-stage training 60 "$PY" benchmarks/gpu_validate.py training --out "$OUT_DIR" "${FLAGS[@]}"
+stage compiled 50 "$PY" benchmarks/gpu_validate.py compiled --out "$OUT_DIR" "${FLAGS[@]}"
+stage training 50 "$PY" benchmarks/gpu_validate.py training --out "$OUT_DIR" "${FLAGS[@]}"
 "$PY" benchmarks/gpu_validate.py report --out "$OUT_DIR" --command "$COMMAND" "${FLAGS[@]}" \
     > /dev/null || FAILED=1
 echo "== wrote $OUT_DIR/results.json and $OUT_DIR/results.md"

@@ -19,7 +19,7 @@ import triton.language as tl
 from memformer_fast.backends import MAX_GATED_WIDTH as MAX_WIDTH
 from memformer_fast.backends import accumulation_dtype, interpreter_enabled
 
-from .utils import acc_dtype, split_reduction
+from .utils import KernelWrapper, acc_dtype, launch_directly, split_reduction
 
 
 @triton.jit
@@ -182,6 +182,7 @@ def gated_update_config(kernel: str, D: int) -> dict[str, int]:
     about eight tiles live per batch item) spread over enough warps that each thread owns at most
     eight elements of a tile: no register spills up to ``MAX_WIDTH`` (checked ahead of time in CI).
     """
+    D = int(D)  # traced with dynamic shapes: the tiles specialise the graph on the width
     if D > MAX_WIDTH:
         raise ValueError(f"gated_memory_update kernels support a width D <= {MAX_WIDTH}, got {D}")
     BLOCK_D = triton.next_power_of_2(D)
@@ -203,14 +204,16 @@ def gated_update_fwd(
     bias: torch.Tensor,
     gate_logits: torch.Tensor | None,
     eps: float,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> torch.Tensor:
     """memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None (any strides)
-    -> new memory [B, S, D]."""
+    -> new memory [B, S, D]. ``wrap`` is applied to the kernel before its launch."""
     B, S, D = memory.shape
     out = torch.empty((B, S, D), dtype=memory.dtype, device=memory.device)
     g_strides = (0, 0, 0) if gate_logits is None else gate_logits.stride()
     cfg = gated_update_config("fwd", D)
-    gated_update_fwd_kernel[(triton.cdiv(B * S, cfg["BLOCK_R"]),)](
+    wrap(gated_update_fwd_kernel)[(triton.cdiv(B * S, cfg["BLOCK_R"]),)](
         memory, candidate, bias, gate_logits, out,
         *memory.stride(), *candidate.stride(), *bias.stride(), *g_strides, *out.stride(),
         S, B * S, D, eps,
@@ -227,11 +230,14 @@ def gated_update_bwd(
     gate_logits: torch.Tensor | None,
     eps: float,
     num_splits: int | None = None,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (d_memory, d_candidate, d_bias, d_gate_logits) of :func:`gated_update_fwd`.
 
     Without a gate the memory does not reach the output: d_memory and d_gate_logits are None.
-    ``num_splits`` forces how many programs share the batch axis of the bias reduction (tests).
+    ``num_splits`` forces how many programs share the batch axis of the bias reduction (tests);
+    ``wrap`` is applied to the kernel before its launch.
     """
     B, S, D = memory.shape
     has_gate = gate_logits is not None
@@ -246,7 +252,7 @@ def gated_update_bwd(
         (splits, S, D), dtype=bias.dtype if splits == 1 else acc, device=bias.device
     )
     g_strides = (0, 0, 0) if gate_logits is None else gate_logits.stride()
-    gated_update_bwd_kernel[(n_s, splits)](
+    wrap(gated_update_bwd_kernel)[(n_s, splits)](
         dout, memory, candidate, bias, gate_logits, dmemory, dcandidate, dbias, dgate,
         *dout.stride(), *memory.stride(), *candidate.stride(), *bias.stride(), *g_strides,
         *dcandidate.stride(), *dbias.stride(), B, S, D, chunk, eps,

@@ -27,9 +27,11 @@ from memformer_fast.backends import accumulation_dtype
 from .utils import (
     DOT_PRECISION,
     AttentionConfigs,
+    KernelWrapper,
     acc_dtype,
     attention_tiles,
     head_dim_tile,
+    launch_directly,
     softmax_bwd_dq_tile,
     softmax_bwd_kv_tile,
     split_reduction,
@@ -360,16 +362,22 @@ def memory_read_config(kernel: str, dtype: torch.dtype, Dh: int) -> dict[str, in
 
 
 def memory_read_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] (any strides) -> (o [B, L, H, Dh], lse [B, H, L])."""
+    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] (any strides) -> (o [B, L, H, Dh], lse [B, H, L]).
+    ``wrap`` is applied to the kernel before its launch."""
     B, L, H, Dh = q.shape
     S = k.shape[1]
     o = torch.empty((B, L, H, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=accumulation_dtype(q.dtype), device=q.device)
     cfg = memory_read_config("fwd", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
-    memory_read_fwd_kernel[grid](
+    wrap(memory_read_fwd_kernel)[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, L, S, Dh, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
     )  # fmt: skip
@@ -384,10 +392,13 @@ def memory_read_bwd(
     lse: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``.
 
-    ``num_splits`` forces how many programs share the query axis of the dk/dv reduction (tests).
+    ``num_splits`` forces how many programs share the query axis of the dk/dv reduction (tests);
+    ``wrap`` is applied to each kernel before its launch.
     """
     B, L, H, Dh = q.shape
     S = k.shape[1]
@@ -395,7 +406,7 @@ def memory_read_bwd(
     delta = torch.empty_like(lse)
     cfg = memory_read_config("bwd_dq", q.dtype, Dh)
     grid = (triton.cdiv(L, cfg["BLOCK_L"]), B * H)
-    memory_read_bwd_dq_kernel[grid](
+    wrap(memory_read_bwd_dq_kernel)[grid](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, L, S, Dh, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
@@ -411,7 +422,7 @@ def memory_read_bwd(
         acc = accumulation_dtype(q.dtype)
         dk = torch.empty((splits, B, S, H, Dh), dtype=acc, device=k.device)
         dv = torch.empty((splits, B, S, H, Dh), dtype=acc, device=v.device)
-    memory_read_bwd_dkdv_kernel[(n_s, B * H, splits)](
+    wrap(memory_read_bwd_dkdv_kernel)[(n_s, B * H, splits)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, L, S, Dh, chunk, scale, **cfg, ACC_DTYPE=acc_dtype(q.dtype),

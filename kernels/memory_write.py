@@ -31,9 +31,11 @@ from memformer_fast.backends import accumulation_dtype, interpreter_enabled
 from .utils import (
     DOT_PRECISION,
     AttentionConfigs,
+    KernelWrapper,
     acc_dtype,
     attention_tiles,
     head_dim_tile,
+    launch_directly,
     softmax_bwd_dq_tile,
     softmax_bwd_kv_tile,
     split_reduction,
@@ -524,6 +526,8 @@ def memory_write_fwd(
     temperature: float,
     scale: float,
     num_splits: int | None = None,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k_self, v_self: [B, S, H, Dh]; k, v: [B, L, H, Dh]; token_mask: [B, L] bool or None
     (any strides) -> (o [B, S, H, Dh], lse [B, H, S] over the 1 + L entries), both float32.
@@ -531,7 +535,8 @@ def memory_write_fwd(
     The output stays in float32 (float64 for float64 inputs): the caller rounds it to the input
     dtype, and the backward computes ``delta = rowsum(do * o)`` from the unrounded one (a float16
     o doubles the error of the gradients; S slots make this output small).
-    ``num_splits`` forces how many programs share the token axis (tests).
+    ``num_splits`` forces how many programs share the token axis (tests); ``wrap`` is applied to
+    each kernel before its launch.
     """
     B, S, H, Dh = q.shape
     L = k.shape[1]
@@ -547,7 +552,7 @@ def memory_write_fwd(
         o_part = torch.empty((splits, B, S, H, Dh), dtype=acc, device=q.device)
         m_part = torch.empty((splits, B, H, S), dtype=acc, device=q.device)
         l_part = torch.empty_like(m_part)
-    memory_write_fwd_kernel[(n_s, B * H, splits)](
+    wrap(memory_write_fwd_kernel)[(n_s, B * H, splits)](
         q, k_self, v_self, k, v, token_mask, o_part, m_part, l_part,
         *q.stride(), *k_self.stride(), *v_self.stride(), *k.stride(), *v.stride(),
         *_mask_args(token_mask)[1:], *o_part.stride(), m_part.stride(0),
@@ -556,7 +561,7 @@ def memory_write_fwd(
     )  # fmt: skip
     if splits > 1:
         cfg = memory_write_config("fwd_combine", q.dtype, Dh)
-        memory_write_fwd_combine_kernel[(triton.cdiv(S, cfg["BLOCK_S"]), B * H)](
+        wrap(memory_write_fwd_combine_kernel)[(triton.cdiv(S, cfg["BLOCK_S"]), B * H)](
             o_part, m_part, l_part, o, lse, *o_part.stride(), *o.stride(), m_part.stride(0),
             H, S, Dh, splits, **cfg, ACC_DTYPE=acc_dtype(q.dtype),
         )  # fmt: skip
@@ -576,11 +581,14 @@ def memory_write_bwd(
     temperature: float,
     scale: float,
     num_splits: int | None = None,
+    *,
+    wrap: KernelWrapper = launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``; ``o`` and
     ``do`` are float32 like the forward's output.
 
-    ``num_splits`` forces how many programs share the token axis of the dq reduction (tests).
+    ``num_splits`` forces how many programs share the token axis of the dq reduction (tests);
+    ``wrap`` is applied to each kernel before its launch.
     """
     B, S, H, Dh = q.shape
     L = k.shape[1]
@@ -597,7 +605,7 @@ def memory_write_bwd(
         dtype=q.dtype if splits == 1 else accumulation_dtype(q.dtype),
         device=q.device,
     )
-    memory_write_bwd_dq_kernel[(n_s, B * H, splits)](
+    wrap(memory_write_bwd_dq_kernel)[(n_s, B * H, splits)](
         q, k_self, v_self, k, v, mask, o, do, lse, delta, dq, dk_self, dv_self,
         *q.stride(), *k_self.stride(), *v_self.stride(), *k.stride(), *v.stride(),
         stride_mb, stride_ml, *o.stride(), *do.stride(), *dq.stride(), *dk_self.stride(),
@@ -610,7 +618,7 @@ def memory_write_bwd(
     dk = torch.empty((B, L, H, Dh), dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     cfg = memory_write_config("bwd_dkdv", q.dtype, Dh)
-    memory_write_bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_L"]), B * H)](
+    wrap(memory_write_bwd_dkdv_kernel)[(triton.cdiv(L, cfg["BLOCK_L"]), B * H)](
         q, k, v, mask, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_ml, *do.stride(), *dk.stride(),
         H, S, L, Dh, logit_scale,

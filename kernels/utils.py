@@ -10,13 +10,42 @@ with "0 active drivers") runs the same code path with its own small tiles.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from memformer_fast.backends import MAX_HEAD_DIM, interpreter_enabled
+
+# What a launcher applies to each kernel before ``kernel[grid](...)``: the identity
+# (``launch_directly``) for a plain launch, ``torch.library.wrap_triton`` inside a ``triton_op`` so
+# that tracing (``torch.compile``, ``make_fx``) records the launch as a graph node (see
+# :mod:`memformer_fast.ops`).
+KernelWrapper = Callable[[Any], Any]
+
+
+def launch_directly(kernel: Any) -> Any:
+    """The kernel itself: a launcher called outside a traced op launches it as it is."""
+    return kernel
+
+
+_wrap_triton: Callable[[Any], Any] | None = getattr(torch.library, "wrap_triton", None)
+
+
+def launch_traceable(kernel: Any) -> Any:
+    """``torch.library.wrap_triton(kernel)``, what the body of a ``torch.library.triton_op``
+    launches: traced (``torch.compile``, ``make_fx``), the launch becomes a graph node; run eagerly,
+    ``triton_op`` switches wrapping off and this is the kernel itself. Interpreted kernels
+    (``TRITON_INTERPRET=1``: nothing to compile or trace) and torch < 2.6 (no ``wrap_triton``)
+    launch directly."""
+    if _wrap_triton is None or isinstance(kernel, InterpretedFunction):
+        return kernel
+    return _wrap_triton(kernel)
+
 
 # tl.dot needs M, N, K >= 16 on NVIDIA GPUs (the interpreter accepts less, the compiler does not).
 MIN_DOT_TILE = 16
@@ -166,6 +195,7 @@ def softmax_bwd_dq_tile(b_p, b_dp, b_delta, b_kT, b_dq, ACC_DTYPE: tl.constexpr)
 
 def head_dim_tile(op: str, Dh: int) -> int:
     """``BLOCK_D`` of an attention kernel of ``op``; a ValueError beyond ``MAX_HEAD_DIM``."""
+    Dh = int(Dh)  # traced with dynamic shapes: the tiles specialise the graph on the head dim
     if Dh > MAX_HEAD_DIM:
         raise ValueError(f"{op} kernels support head_dim <= {MAX_HEAD_DIM}, got {Dh}")
     return dot_tile(Dh)

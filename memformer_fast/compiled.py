@@ -6,6 +6,12 @@ two graphs with ``fullgraph=True``: the critical path (embedding, blocks, memory
 last norm when the decoder needs the context) and the decoder with its summed loss. The replay's
 backward runs through the same graphs (AOTAutograd's backward graphs).
 
+With ``backend="triton"`` on CUDA the fused operations are ``torch.library.triton_op``\\ s
+(:mod:`memformer_fast.ops`): AOTAutograd decomposes each into its Triton kernel launches, forward
+and backward, so inductor's generated code calls the kernels directly (no Python launcher, no
+custom-op dispatch per call) and ``mode="reduce-overhead"`` captures them in its CUDA graphs. On
+the CPU, interpreted kernels stay behind opaque ops (the reference backend is plain PyTorch).
+
 Dropout stays exact: each part still runs inside :func:`memformer_fast.randomness.seeded`,
 entered here, outside the graphs, and the mask is drawn by an opaque custom op that reads the
 generator of that call at run time; so a compiled MRBP draws the very masks BPTT draws.

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import reference
 from .backends import (
     KERNEL_DTYPES,
     REFERENCE_DTYPES,
@@ -31,6 +32,15 @@ __all__ = [
     "memory_write_attention",
     "resolve_backend",
 ]
+
+
+def _ops() -> ModuleType:
+    """:mod:`memformer_fast.ops`, imported by the first ``backend="triton"`` call: defining its
+    ``triton_op``\\ s imports ``torch._inductor`` (a second or more), which the reference never
+    needs."""
+    from . import ops
+
+    return ops
 
 
 def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str) -> None:
@@ -113,7 +123,7 @@ def memory_read_attention(
     scale = _default_scale(scale, Dh)
     if backend == "reference":
         return reference.memory_read_attention(q, k, v, scale)
-    return ops.memory_read_attention(q, k, v, scale)
+    return _ops().memory_read_attention(q, k, v, scale)
 
 
 def memory_write_attention(
@@ -165,7 +175,7 @@ def memory_write_attention(
         return reference.memory_write_attention(
             q, k_self, v_self, k, v, token_mask, temperature, scale
         )
-    return ops.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    return _ops().memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
 
 
 def gated_memory_update(
@@ -210,4 +220,4 @@ def gated_memory_update(
     _check_tensors(names, tensors, backend)
     if backend == "reference":
         return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
-    return ops.gated_memory_update(memory, candidate, bias, gate_logits, eps)
+    return _ops().gated_memory_update(memory, candidate, bias, gate_logits, eps)

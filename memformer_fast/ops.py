@@ -1,27 +1,40 @@
-"""Custom ops of the three fused operations: autograd, fake tensors and ``torch.compile``.
+"""The ops of the three fused operations: autograd, fake tensors and ``torch.compile``.
 
 Design
 ------
-Each operation is a pair of ``torch.library.custom_op``\\ s in the ``memformer_fast`` namespace:
-a forward that also returns what its backward needs (the log-sum-exp of the attention rows) and a
-backward, tied together with ``register_autograd``. Because the backward is an op too,
-``torch.compile(fullgraph=True)`` sees both as single opaque nodes (no graph break, no tracing into
-Triton), and ``register_fake`` gives their output shapes to fake and meta tensors.
+Each operation is a pair of ops in the ``memformer_fast`` namespace: a forward that also returns
+what its backward needs (the log-sum-exp of the attention rows) and a backward, tied together with
+``register_autograd``. Both are ``torch.library.triton_op``\\ s (torch >= 2.6), whose body is plain
+Python that ``torch.compile`` traces through:
 
-Each op has two implementations, picked per call from the tensors' device:
+- On CUDA tensors the body runs the Triton launchers of :mod:`memformer_fast.kernels` with
+  ``wrap=launch_traceable`` (``torch.library.wrap_triton``). Eagerly that is a plain launch; traced,
+  every launch becomes a ``triton_kernel_wrapper_functional`` node naming its kernel, beside the
+  allocations and the few reductions of the launcher, so inductor calls the kernels from its
+  generated code (no Python launcher per call) and CUDA graphs (``mode="reduce-overhead"``)
+  capture them. The same body, run on fake tensors, is the op's fake implementation.
+- On every other device the body calls an opaque ``torch.library.custom_op`` (``*_portable``):
+  the same Triton launchers when the tensors are on the CPU and ``TRITON_INTERPRET=1`` is set,
+  which is how CI runs the whole op path (op, autograd, kernels) without a GPU (interpreted kernels
+  cannot be traced, so they stay behind an opaque op); otherwise PyTorch,
+  :mod:`memformer_fast.reference` for the forward and the explicit backward formulas below, so the
+  ops run, compile and pass ``opcheck`` anywhere.
 
-- CUDA (``register_kernel("cuda")``): the Triton launchers of :mod:`memformer_fast.kernels`.
-- Every other device (the default implementation, which CUDA tensors never reach): the same
-  Triton launchers when the tensors are on the CPU and ``TRITON_INTERPRET=1`` is set, which is
-  how CI runs the whole op path (custom op, autograd, kernels) without a GPU; otherwise
-  PyTorch: :mod:`memformer_fast.reference` for the forward and the explicit backward formulas
-  below, so the ops run, compile and pass ``opcheck`` anywhere.
+With torch < 2.6 (no ``triton_op``) the same bodies are ``custom_op``\\ s with the fakes below:
+opaque to ``torch.compile``, as the kernels were before.
 
-The functions at the bottom are what :mod:`memformer_fast.functional` calls for
+Because the backward is an op too, ``torch.compile(fullgraph=True)`` needs no graph break for
+either direction. The functions at the bottom are what :mod:`memformer_fast.functional` calls for
 ``backend="triton"``; their arguments are already validated there.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,17 +43,86 @@ from . import reference
 from .backends import accumulation_dtype, interpreter_enabled, triton_available
 from .reference import no_autocast
 
+# Schema of each op (and of its portable op); a triton_op infers the same from its annotations.
+_SCHEMAS = {
+    "memory_read_fwd": "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    "memory_read_bwd": "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)",
+    "memory_write_fwd": "(Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
+    "Tensor? token_mask, float temperature, float scale) -> (Tensor, Tensor)",
+    "memory_write_bwd": "(Tensor do, Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
+    "Tensor? token_mask, Tensor o, Tensor lse, float temperature, float scale) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "gated_memory_update_fwd": "(Tensor memory, Tensor candidate, Tensor bias, "
+    "Tensor? gate_logits, float eps) -> Tensor",
+    "gated_memory_update_bwd": "(Tensor dout, Tensor memory, Tensor candidate, Tensor bias, "
+    "Tensor? gate_logits, float eps) -> Tensor[]",
+}
+# Launcher of each op (memformer_fast.kernels).
+_LAUNCHERS = {
+    "memory_read_fwd": "memory_read_fwd",
+    "memory_read_bwd": "memory_read_bwd",
+    "memory_write_fwd": "memory_write_fwd",
+    "memory_write_bwd": "memory_write_bwd",
+    "gated_memory_update_fwd": "gated_update_fwd",
+    "gated_memory_update_bwd": "gated_update_bwd",
+}
 
-def _kernels():  # imported on first use: importing Triton is slow and optional off CUDA
-    from memformer_fast import kernels
 
+@functools.cache
+def _kernels() -> ModuleType:
+    """The kernels, imported on first use: importing them imports Triton, which is slow and
+    optional off CUDA, and decides (from ``TRITON_INTERPRET``) whether they are interpreted."""
+    kernels = importlib.import_module("memformer_fast.kernels")  # installed from kernels/
+    # triton_op finds the kernels of an op by reading its body's source, which launches them
+    # through the launchers of a module imported only now; name them here, for the compile
+    # caches, whose keys hash the kernels' sources (private to torch: skipped where it moved).
+    registry = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+    if isinstance(registry, dict):
+        for op, launcher in _LAUNCHERS.items():
+            registry[f"memformer_fast::{op}"] = list(kernels.LAUNCHED_KERNELS[launcher])
     return kernels
 
 
+def _on_cuda(t: Tensor) -> bool:
+    """Whether an op body launches the kernels itself (traceably), rather than calling its
+    portable op."""
+    return t.device.type == "cuda"
+
+
 def _interpreted(t: Tensor) -> bool:
-    """Whether a default implementation runs the kernels: on CPU tensors through the interpreter
-    (CUDA tensors never reach it: their implementation is ``register_kernel("cuda")``)."""
+    """Whether a portable op runs the kernels: on CPU tensors through the interpreter."""
     return t.device.type == "cpu" and interpreter_enabled() and triton_available()
+
+
+def _kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: the op ``memformer_fast::<name>`` with the decorated body, a ``triton_op``
+    (its fake implementation is the body itself) or, before torch 2.6, a ``custom_op`` with
+    ``fake`` (which must give the shapes the body gives)."""
+    qualname = f"memformer_fast::{name}"
+
+    def define(body: Callable[..., Any]) -> Any:
+        triton_op = getattr(torch.library, "triton_op", None)
+        if triton_op is not None:
+            return triton_op(qualname, mutates_args=())(body)
+        op = torch.library.custom_op(qualname, mutates_args=(), schema=_SCHEMAS[name])(body)
+        op.register_fake(fake)
+        return op
+
+    return define
+
+
+def _portable_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: the opaque ``custom_op`` ``memformer_fast::<name>_portable`` with the decorated
+    body (the interpreter or PyTorch) and ``fake``, which the op ``name`` calls off CUDA."""
+
+    def define(body: Callable[..., Any]) -> Any:
+        qualname = f"memformer_fast::{name}_portable"
+        op = torch.library.custom_op(qualname, mutates_args=(), schema=_SCHEMAS[name])(body)
+        op.register_fake(fake)
+        return op
+
+    return define
 
 
 def _like(grad: Tensor, t: Tensor) -> Tensor:
@@ -64,27 +146,28 @@ def _read_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.einsum("blhd,bshd->bhls", q.to(ct), k.to(ct)) * scale
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_read_fwd",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
-)
-def memory_read_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> (o [B, L, H, Dh], lse [B, H, L] float32)."""
+def _read_fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, L, H, _ = q.shape
+    return _empty_like(q), q.new_empty((B, H, L), dtype=accumulation_dtype(q.dtype))
+
+
+@_portable_op("memory_read_fwd", _read_fwd_fake)
+def _memory_read_fwd_portable(
+    q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
     if _interpreted(q):
         return _kernels().memory_read_fwd(q, k, v, scale)
     o = reference.memory_read_attention(q, k, v, scale).contiguous()
     return o, torch.logsumexp(_read_logits(q, k, scale), dim=-1)
 
 
-# On CUDA every op is its Triton launcher, called with the op's arguments.
-memory_read_fwd.register_kernel("cuda")(lambda *args: _kernels().memory_read_fwd(*args))
-
-
-@memory_read_fwd.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    B, L, H, _ = q.shape
-    return _empty_like(q), q.new_empty((B, H, L), dtype=accumulation_dtype(q.dtype))
+@_kernel_op("memory_read_fwd", _read_fwd_fake)
+def memory_read_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q: [B, L, H, Dh]; k, v: [B, S, H, Dh] -> (o [B, L, H, Dh], lse [B, H, L] float32)."""
+    if _on_cuda(q):
+        kernels = _kernels()
+        return kernels.memory_read_fwd(q, k, v, scale, wrap=kernels.launch_traceable)
+    return _memory_read_fwd_portable(q, k, v, scale)
 
 
 @no_autocast
@@ -102,29 +185,30 @@ def _read_bwd_reference(
     return _like(dq, q), _like(dk, k), _like(dv, v)
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_read_bwd",
-    mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor lse, float scale) "
-    "-> (Tensor, Tensor, Tensor)",
-)
-def memory_read_bwd(
+def _read_bwd_fake(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``."""
+    return _empty_like(q), _empty_like(k), _empty_like(v)
+
+
+@_portable_op("memory_read_bwd", _read_bwd_fake)
+def _memory_read_bwd_portable(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     if _interpreted(q):
         return _kernels().memory_read_bwd(do, q, k, v, lse, scale)
     return _read_bwd_reference(do, q, k, v, lse, scale)
 
 
-memory_read_bwd.register_kernel("cuda")(lambda *args: _kernels().memory_read_bwd(*args))
-
-
-@memory_read_bwd.register_fake
-def _(
+@_kernel_op("memory_read_bwd", _read_bwd_fake)
+def memory_read_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _empty_like(q), _empty_like(k), _empty_like(v)
+    """Gradients (dq, dk, dv) of :func:`memory_read_fwd` for the upstream gradient ``do``."""
+    if _on_cuda(q):
+        kernels = _kernels()
+        return kernels.memory_read_bwd(do, q, k, v, lse, scale, wrap=kernels.launch_traceable)
+    return _memory_read_bwd_portable(do, q, k, v, lse, scale)
 
 
 def _read_setup_context(ctx, inputs, output) -> None:
@@ -175,12 +259,44 @@ def _write_logits(
     return s_self, s_tok
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_write_fwd",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, Tensor? token_mask, "
-    "float temperature, float scale) -> (Tensor, Tensor)",
-)
+def _write_fwd_fake(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    B, S, H, _ = q.shape
+    acc = accumulation_dtype(q.dtype)
+    return q.new_empty(q.shape, dtype=acc), q.new_empty((B, H, S), dtype=acc)
+
+
+@_portable_op("memory_write_fwd", _write_fwd_fake)
+def _memory_write_fwd_portable(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    if _interpreted(q):
+        return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    ct = accumulation_dtype(q.dtype)
+    o = reference.memory_write_attention(
+        q.to(ct), k_self.to(ct), v_self.to(ct), k.to(ct), v.to(ct), token_mask, temperature, scale
+    ).contiguous()
+    s_self, s_tok = _write_logits(q, k_self, k, token_mask, scale / temperature)
+    lse = torch.logsumexp(torch.cat([s_self[..., None], s_tok], dim=-1), dim=-1)
+    return o, lse.transpose(1, 2).contiguous()
+
+
+@_kernel_op("memory_write_fwd", _write_fwd_fake)
 def memory_write_fwd(
     q: Tensor,
     k_self: Tensor,
@@ -197,34 +313,11 @@ def memory_write_fwd(
     The output is not rounded to the input dtype here: the backward needs the exact one (see
     :func:`memory_write_attention`, which rounds it).
     """
-    if _interpreted(q):
-        return _kernels().memory_write_fwd(q, k_self, v_self, k, v, token_mask, temperature, scale)
-    ct = accumulation_dtype(q.dtype)
-    o = reference.memory_write_attention(
-        q.to(ct), k_self.to(ct), v_self.to(ct), k.to(ct), v.to(ct), token_mask, temperature, scale
-    ).contiguous()
-    s_self, s_tok = _write_logits(q, k_self, k, token_mask, scale / temperature)
-    lse = torch.logsumexp(torch.cat([s_self[..., None], s_tok], dim=-1), dim=-1)
-    return o, lse.transpose(1, 2).contiguous()
-
-
-memory_write_fwd.register_kernel("cuda")(lambda *args: _kernels().memory_write_fwd(*args))
-
-
-@memory_write_fwd.register_fake
-def _(
-    q: Tensor,
-    k_self: Tensor,
-    v_self: Tensor,
-    k: Tensor,
-    v: Tensor,
-    token_mask: Tensor | None,
-    temperature: float,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    B, S, H, _ = q.shape
-    acc = accumulation_dtype(q.dtype)
-    return q.new_empty(q.shape, dtype=acc), q.new_empty((B, H, S), dtype=acc)
+    args = (q, k_self, v_self, k, v, token_mask, temperature, scale)
+    if _on_cuda(q):
+        kernels = _kernels()
+        return kernels.memory_write_fwd(*args, wrap=kernels.launch_traceable)
+    return _memory_write_fwd_portable(*args)
 
 
 @no_autocast
@@ -264,39 +357,7 @@ def _write_bwd_reference(
     )
 
 
-@torch.library.custom_op(
-    "memformer_fast::memory_write_bwd",
-    mutates_args=(),
-    schema="(Tensor do, Tensor q, Tensor k_self, Tensor v_self, Tensor k, Tensor v, "
-    "Tensor? token_mask, Tensor o, Tensor lse, float temperature, float scale) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-def memory_write_bwd(
-    do: Tensor,
-    q: Tensor,
-    k_self: Tensor,
-    v_self: Tensor,
-    k: Tensor,
-    v: Tensor,
-    token_mask: Tensor | None,
-    o: Tensor,
-    lse: Tensor,
-    temperature: float,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``."""
-    if _interpreted(q):
-        return _kernels().memory_write_bwd(
-            do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
-        )
-    return _write_bwd_reference(do, q, k_self, v_self, k, v, token_mask, lse, scale / temperature)
-
-
-memory_write_bwd.register_kernel("cuda")(lambda *args: _kernels().memory_write_bwd(*args))
-
-
-@memory_write_bwd.register_fake
-def _(
+def _write_bwd_fake(
     do: Tensor,
     q: Tensor,
     k_self: Tensor,
@@ -316,6 +377,49 @@ def _(
         _empty_like(k),
         _empty_like(v),
     )
+
+
+@_portable_op("memory_write_bwd", _write_bwd_fake)
+def _memory_write_bwd_portable(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _interpreted(q):
+        return _kernels().memory_write_bwd(
+            do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale
+        )
+    return _write_bwd_reference(do, q, k_self, v_self, k, v, token_mask, lse, scale / temperature)
+
+
+@_kernel_op("memory_write_bwd", _write_bwd_fake)
+def memory_write_bwd(
+    do: Tensor,
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    temperature: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk_self, dv_self, dk, dv) of :func:`memory_write_fwd` for ``do``."""
+    args = (do, q, k_self, v_self, k, v, token_mask, o, lse, temperature, scale)
+    if _on_cuda(q):
+        kernels = _kernels()
+        return kernels.memory_write_bwd(*args, wrap=kernels.launch_traceable)
+    return _memory_write_bwd_portable(*args)
 
 
 def _write_setup_context(ctx, inputs, output) -> None:
@@ -343,29 +447,32 @@ memory_write_bwd.register_autograd(_refuse_double_backward)
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    "memformer_fast::gated_memory_update_fwd",
-    mutates_args=(),
-    schema="(Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, float eps) "
-    "-> Tensor",
-)
-def gated_memory_update_fwd(
+def _gated_fwd_fake(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
-    """memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]."""
+    return _empty_like(memory)
+
+
+@_portable_op("gated_memory_update_fwd", _gated_fwd_fake)
+def _gated_memory_update_fwd_portable(
+    memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
+) -> Tensor:
     if _interpreted(memory):
         return _kernels().gated_update_fwd(memory, candidate, bias, gate_logits, eps)
     return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps).contiguous()
 
 
-gated_memory_update_fwd.register_kernel("cuda")(lambda *args: _kernels().gated_update_fwd(*args))
-
-
-@gated_memory_update_fwd.register_fake
-def _(
+@_kernel_op("gated_memory_update_fwd", _gated_fwd_fake)
+def gated_memory_update_fwd(
     memory: Tensor, candidate: Tensor, bias: Tensor, gate_logits: Tensor | None, eps: float
 ) -> Tensor:
-    return _empty_like(memory)
+    """memory, candidate: [B, S, D]; bias: [S, D]; gate_logits: [B, S, D] or None -> [B, S, D]."""
+    if _on_cuda(memory):
+        kernels = _kernels()
+        return kernels.gated_update_fwd(
+            memory, candidate, bias, gate_logits, eps, wrap=kernels.launch_traceable
+        )
+    return _gated_memory_update_fwd_portable(memory, candidate, bias, gate_logits, eps)
 
 
 @no_autocast
@@ -392,12 +499,51 @@ def _gated_bwd_reference(
     return [d.to(memory.dtype).contiguous() for d in grads]
 
 
-@torch.library.custom_op(
-    "memformer_fast::gated_memory_update_bwd",
-    mutates_args=(),
-    schema="(Tensor dout, Tensor memory, Tensor candidate, Tensor bias, Tensor? gate_logits, "
-    "float eps) -> Tensor[]",
-)
+def _gated_bwd_triton(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+    wrap: Callable[[Any], Any] | None = None,
+) -> list[Tensor]:
+    """The kernel's gradients without the ``None``\\ s of an absent gate; ``wrap`` as for the
+    launcher (a direct launch when None)."""
+    kernels = _kernels()
+    grads = kernels.gated_update_bwd(
+        dout, memory, candidate, bias, gate_logits, eps, wrap=wrap or kernels.launch_directly
+    )
+    return [g for g in grads if g is not None]
+
+
+def _gated_bwd_fake(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    like = (candidate, bias) if gate_logits is None else (memory, candidate, bias, gate_logits)
+    return [_empty_like(t) for t in like]
+
+
+@_portable_op("gated_memory_update_bwd", _gated_bwd_fake)
+def _gated_memory_update_bwd_portable(
+    dout: Tensor,
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+) -> list[Tensor]:
+    if _interpreted(memory):
+        return _gated_bwd_triton(dout, memory, candidate, bias, gate_logits, eps)
+    return _gated_bwd_reference(dout, memory, candidate, bias, gate_logits, eps)
+
+
+@_kernel_op("gated_memory_update_bwd", _gated_bwd_fake)
 def gated_memory_update_bwd(
     dout: Tensor,
     memory: Tensor,
@@ -408,37 +554,10 @@ def gated_memory_update_bwd(
 ) -> list[Tensor]:
     """Gradients of :func:`gated_memory_update_fwd`: ``[d_memory, d_candidate, d_bias,
     d_gate_logits]``, or ``[d_candidate, d_bias]`` without a gate (the memory is then unused)."""
-    if _interpreted(memory):
-        return _gated_bwd_triton(dout, memory, candidate, bias, gate_logits, eps)
-    return _gated_bwd_reference(dout, memory, candidate, bias, gate_logits, eps)
-
-
-def _gated_bwd_triton(
-    dout: Tensor,
-    memory: Tensor,
-    candidate: Tensor,
-    bias: Tensor,
-    gate_logits: Tensor | None,
-    eps: float,
-) -> list[Tensor]:
-    grads = _kernels().gated_update_bwd(dout, memory, candidate, bias, gate_logits, eps)
-    return [g for g in grads if g is not None]
-
-
-gated_memory_update_bwd.register_kernel("cuda")(_gated_bwd_triton)
-
-
-@gated_memory_update_bwd.register_fake
-def _(
-    dout: Tensor,
-    memory: Tensor,
-    candidate: Tensor,
-    bias: Tensor,
-    gate_logits: Tensor | None,
-    eps: float,
-) -> list[Tensor]:
-    like = (candidate, bias) if gate_logits is None else (memory, candidate, bias, gate_logits)
-    return [_empty_like(t) for t in like]
+    args = (dout, memory, candidate, bias, gate_logits, eps)
+    if _on_cuda(memory):
+        return _gated_bwd_triton(*args, wrap=_kernels().launch_traceable)
+    return _gated_memory_update_bwd_portable(*args)
 
 
 def _gated_setup_context(ctx, inputs, output) -> None:

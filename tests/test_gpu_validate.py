@@ -30,15 +30,20 @@ def test_gpu_validate_dry_run(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "results.json").read_text())
     stages = {s["stage"]: s["rc"] for s in report["stages"]}
     assert stages == dict.fromkeys(
-        ("env", "info", "tests", "correctness", "kernels", "training"), 0
+        ("env", "info", "tests", "correctness", "kernels", "compiled", "training"), 0
     )
     assert report["dry_run"] and report["command"].startswith("bash benchmarks/gpu_validate.sh")
     assert report["correctness"]["passed"] and report["correctness"]["checked"] == 3 * 15
     kernels = {r["kernel"] for r in report["kernels"]["rows"]}
     assert {"read fwd", "read fwd sdpa", "write bwd", "gated bwd"} <= kernels
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in report["kernels"]["rows"])
+    compiled = report["compiled"]
+    assert compiled["passed"] and [r["mode"] for r in compiled["rows"]] == ["eager", "compiled"]
+    assert all(r["error_vs_eager"] < 1e-5 and r["ms_per_step"] > 0 for r in compiled["rows"])
+    assert compiled["graph"]["graphs"] == 2  # forward and backward (opaque ops on the CPU)
     training = {(r["method"], r["T"]) for r in report["training"]["rows"]}
     assert training == {(m, t) for m in ("mrbp", "mrbp-offload") for t in (2, 3)}
     markdown = (tmp_path / "results.md").read_text()
-    for heading in ("# GPU validation", "## Correctness: passed", "## Kernels", "## One MRBP"):
+    headings = ("# GPU validation", "## Correctness: passed", "## Kernels", "## The three ops")
+    for heading in (*headings, "## One MRBP"):
         assert heading in markdown

@@ -10,6 +10,8 @@ interpreter switched off for the call).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +73,43 @@ def _gated_args(device: str, dtype: torch.dtype, requires_grad: bool = True):
 def _detached(args: tuple) -> tuple:
     """The backward ops are not differentiable themselves (no double backward)."""
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_schemas() -> None:
+    """Each op's schema (a triton_op's is inferred from its annotations) is the one its portable op
+    and the torch < 2.6 fallback declare, argument names included."""
+    for name, schema in ops._SCHEMAS.items():
+        for qualname in (name, f"{name}_portable"):
+            declared = str(getattr(torch.ops.memformer_fast, qualname).default._schema)
+            assert declared == f"memformer_fast::{qualname}{schema}", declared
+
+
+# torch < 2.6 has neither triton_op nor wrap_triton: the ops are then custom_ops with fakes.
+_WITHOUT_TRITON_OP = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+del torch.library.triton_op, torch.library.wrap_triton
+from memformer_fast import ops
+f64 = dict(dtype=torch.float64, requires_grad=True)
+q, k, v = (torch.randn(2, 5, 2, 16, **f64) for _ in range(3))
+torch.library.opcheck(torch.ops.memformer_fast.memory_read_fwd.default, (q, k, v, 0.25))
+assert torch.autograd.gradcheck(lambda *t: ops.memory_read_attention(*t, 0.3), (q, k, v))
+with FakeTensorMode():  # the registered fake gives CUDA shapes (the body would launch)
+    qc, kc = torch.empty(2, 7, 2, 16, device="cuda"), torch.empty(2, 5, 2, 16, device="cuda")
+    o, lse = torch.ops.memformer_fast.memory_read_fwd(qc, kc, kc, 0.25)
+    assert o.shape == qc.shape and o.device.type == "cuda" and lse.shape == (2, 2, 7)
+"""
+
+
+@pytest.mark.slow
+def test_ops_without_triton_op() -> None:
+    """The torch < 2.6 fallback, simulated by removing ``triton_op`` and ``wrap_triton``: opcheck,
+    gradcheck and fake CUDA shapes on the PyTorch path."""
+    env = os.environ | {"TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON_OP], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
 
 
 def test_opcheck(path: str) -> None:
