@@ -46,7 +46,8 @@ endef
 
 # The GPU image's build, checked on this CPU machine: torch 2.11.0 (pip brings its CUDA 13.0 build
 # and libraries) in a venv of its own, the extension compiled with CUDA for sm_80 and sm_90 by the
-# local nvcc, imported, and the extension's and the ops' tests run under that torch.
+# local nvcc, imported, and the extension's and the ops' tests run under that torch (with the
+# traced CUDA path of the triton_ops: what torch.compile makes of them depends on torch's version).
 # CUDA_HOME: the toolkit root (bin/nvcc, lib64/libcudart.so); setup.py finds one if unset.
 GPU_TORCH ?= torch==2.11.0
 GPU_BUILD_DIR ?= build/gpu-image
@@ -62,7 +63,7 @@ check-gpu-build:
 		--no-build-isolation --no-deps -e . > build.log 2>&1 || { tail -40 build.log; exit 1; }
 	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -c "$$CHECK_GPU_EXTENSION"
 	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_replay_buffer.py tests/test_ops.py
+		tests/test_replay_buffer.py tests/test_ops.py tests/test_traced_kernels.py
 
 define CHECK_GPU_EXTENSION
 import torch
