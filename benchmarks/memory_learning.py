@@ -135,6 +135,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         arch=args.arch, d_model=args.d_model, seed=args.seed, lr=args.lr, clip=args.clip,
         overrides=args.set, schedule=args.schedule, batch_size=args.batch_size, steps=step,
+        stop_at=args.stop_at,
         first_step_95=first, seconds=time.perf_counter() - start, curve=curve, final=final,
         stopped_early=stopped_early,
         chance=task.chance, machine=f"{platform.processor() or platform.machine()}, "
@@ -150,9 +151,12 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
-    """What a run changed from today's defaults: its overrides, then lr and clip if not default."""
+    """What a run changed from today's defaults: its overrides, then lr, clip and the stopping
+    threshold (above 1: trained to the end of its schedule) if not default."""
     lr = [f"lr={r['lr']:g}"] if r["lr"] != default_lr(r["d_model"]) else []
-    return [*r["overrides"], *lr, *([f"clip={r['clip']:g}"] if r["clip"] != 1.0 else [])]
+    clip = [f"clip={r['clip']:g}"] if r["clip"] != 1.0 else []
+    stop = [f"stop-at={r['stop_at']:g}"] if r.get("stop_at", 0.97) != 0.97 else []
+    return [*r["overrides"], *lr, *clip, *stop]
 
 
 def _table(runs: list[dict[str, Any]]) -> list[str]:
