@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import platform
 import signal
 import time
@@ -30,6 +31,7 @@ import torch
 
 from memformer_fast import mrbp
 from memformer_fast.app.recall import RecallTask, recall_accuracy
+from memformer_fast.clipping import SpikeClip
 from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
 
@@ -84,6 +86,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = Memformer(build_config(args.arch, args.d_model, task, overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    clip = SpikeClip(args.clip or math.inf, args.spike_factor or math.inf)
     batches = torch.Generator().manual_seed(args.seed)
     probes = {
         t: task.sample(PROBE_SEQUENCES, t, generator=torch.Generator().manual_seed(10_000 + t))
@@ -105,7 +108,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             result = mrbp.backward(model, ids, labels=labels)
             # The norm before clipping (inf: measured, not clipped): spikes announce a collapse.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or float("inf"))
+            norm = clip(model.parameters())
             opt.step()
             step += 1
             peak_loss, peak_norm = max(peak_loss, float(result.loss)), max(peak_norm, float(norm))
@@ -134,6 +137,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     first = next((c["step"] for c in curve if c["acc8"] >= 0.95), None)
     return dict(
         arch=args.arch, d_model=args.d_model, seed=args.seed, lr=args.lr, clip=args.clip,
+        spike_factor=args.spike_factor,
         overrides=args.set, schedule=args.schedule, batch_size=args.batch_size, steps=step,
         stop_at=args.stop_at,
         first_step_95=first, seconds=time.perf_counter() - start, curve=curve, final=final,
@@ -147,7 +151,8 @@ def run_name(args: argparse.Namespace) -> str:
     extra = "".join(f"_{s.replace('=', '')}" for s in args.set)
     lr = "" if args.lr == default_lr(args.d_model) else f"_lr{args.lr:g}"
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
-    return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}"
+    spike = "" if args.spike_factor == 4.0 else f"_spike{args.spike_factor:g}"
+    return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}{spike}"
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
@@ -155,6 +160,9 @@ def _changes(r: dict[str, Any]) -> list[str]:
     threshold (above 1: trained to the end of its schedule) if not default."""
     lr = [f"lr={r['lr']:g}"] if r["lr"] != default_lr(r["d_model"]) else []
     clip = [f"clip={r['clip']:g}"] if r["clip"] != 1.0 else []
+    # Runs from before SpikeClip clipped at the fixed limit only.
+    spike = r.get("spike_factor", 0.0)
+    clip += [f"spike-factor={spike:g}"] if spike != 4.0 else []
     stop = [f"stop-at={r['stop_at']:g}"] if r.get("stop_at", 0.97) != 0.97 else []
     return [*r["overrides"], *lr, *clip, *stop]
 
@@ -244,6 +252,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="default: 1e-3 x 64 / d_model, see default_lr")
     p.add_argument("--clip", type=float, default=1.0, help="0 turns clipping off")
+    p.add_argument(
+        "--spike-factor", type=float, default=4.0,
+        help="also clip to this many times the running mean of the recent norms (SpikeClip); "
+        "0 turns it off",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", help="default: the architecture's, see SCHEDULES")
     p.add_argument("--eval-every", type=int, default=25)

@@ -1,6 +1,7 @@
 """memformer_fast: Memformer with fused Triton kernels and Memory Replay Back-Propagation."""
 
 from . import functional, mrbp
+from .clipping import SpikeClip
 from .config import MemformerConfig
 from .layers import DecoderBlock, MemoryBlock, MemoryReader, MemoryWriter
 from .model import Memformer, MemformerOutput
@@ -17,6 +18,7 @@ __all__ = [
     "MemoryReader",
     "MemoryWriter",
     "ReplayBuffer",
+    "SpikeClip",
     "__version__",
     "functional",
     "mrbp",

@@ -229,6 +229,7 @@ def test_resume_equals_an_uninterrupted_run(
     sa, sb = reference.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert torch.equal(reference.rng_state["torch"], resumed.rng_state["torch"])
+    assert resumed.clip.state_dict() == reference.clip.state_dict()
     # A shorter first run evaluates at its last step too: one more entry in the history.
     assert all(entry in resumed.history for entry in reference.history)
 

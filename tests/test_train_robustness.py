@@ -4,6 +4,7 @@ signals, divergence, interrupted evaluations, corrupted and hand-edited checkpoi
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,13 @@ from testing_utils import CLI_TEXT, TINY_CLI, run
 
 from memformer_fast.app import training
 from memformer_fast.app.errors import CheckpointWarning, UserError
-from memformer_fast.app.training import Trainer, load_checkpoint, resumed_settings
+from memformer_fast.app.training import (
+    Trainer,
+    TrainSettings,
+    checksum,
+    load_checkpoint,
+    resumed_settings,
+)
 
 TINY = [*TINY_CLI, "--threads", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -334,6 +341,9 @@ HAND_EDITS = {
     "config": (set_in("config", "d_model", -1), "has an invalid config"),
     "data": (edit("data", None), "data must be a dict with int fields"),
     "checksum": (edit("checksum", "abc"), "its checksum entry is malformed"),
+    "grad-clip": (edit("grad_clip", {"running_norm": -1.0}),
+                  "grad_clip: state['running_norm'] must be None or a finite float >= 0"),
+    "grad-clip-changed": (edit("grad_clip", {"running_norm": 0.5}), "do not match their checksum"),
 }  # fmt: skip
 
 
@@ -366,6 +376,24 @@ def test_checkpoint_without_checksum_loads_with_a_warning(
     flip_tensor_bytes(old, corrupt)
     with pytest.raises(UserError, match="fails its zip CRC check"):
         load_checkpoint(corrupt)
+
+
+def test_checkpoint_from_before_spike_clipping_resumes_with_the_fixed_limit(
+    saved: Path, tmp_path: Path
+) -> None:
+    """Checkpoints written before SpikeClip have no ``grad_clip`` state nor ``grad_clip_factor``
+    setting (and their checksum covers neither): they load, and resume as they were trained."""
+    ckpt = torch.load(saved, weights_only=True)
+    del ckpt["grad_clip"], ckpt["settings"]["grad_clip_factor"]
+    ckpt["checksum"] = checksum(ckpt)
+    old = tmp_path / "checkpoint.pt"
+    torch.save(ckpt, old)
+    loaded = load_checkpoint(old)
+    settings = resumed_settings(loaded, {})
+    assert settings.grad_clip_factor == 0.0
+    resumed = Trainer.resume(loaded, small_trainer(2).data, settings)
+    assert resumed.clip.limit == 1.0 and math.isinf(resumed.clip.factor)
+    assert TrainSettings().grad_clip_factor == 4.0
 
 
 def test_checkpoint_of_step_zero_loads(tmp_path: Path) -> None:

@@ -177,6 +177,7 @@ SETTING_FLAGS = (
     "steps",
     "lr",
     "warmup_steps",
+    "grad_clip_factor",
     "eval_every",
     "eval_bytes",
     "save_every",
@@ -564,6 +565,12 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--steps", type=NON_NEGATIVE, help="total updates (default 1000)")
     t.add_argument("--lr", type=_finite, help="peak learning rate (default 1e-3)")
     t.add_argument("--warmup-steps", type=NON_NEGATIVE, help="default 100")
+    t.add_argument(
+        "--grad-clip-factor",
+        type=_non_negative_float,
+        help="clip the gradient norm to this many times the mean of the recent norms as well as "
+        "to 1.0, so one batch's spike cannot undo a solved model (default 4; 0: fixed limit only)",
+    )
     t.add_argument("--eval-every", type=POSITIVE, help="default 200")
     t.add_argument(
         "--eval-bytes", type=POSITIVE, help="held-out bytes per evaluation (default 64K)"

@@ -20,6 +20,7 @@ import torch
 
 from .. import mrbp
 from ..backends import resolve_backend
+from ..clipping import SpikeClip
 from ..config import MemformerConfig
 from ..model import Memformer
 from ..presets import preset
@@ -178,6 +179,7 @@ def _train(
     # Cosine decay to a tenth: at a constant 3e-3 the solved task's tiny gradients let Adam's
     # steps drift until recall collapses late in the run (docs/memory_learning.md).
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=options.lr / 10)
+    clip = SpikeClip()
     curve: dict[str, list[float]] = {"loss": [], "eval_step": [], "eval_acc": [], "stage_start": []}
     probe = {
         t: task.sample(128, t, generator=torch.Generator().manual_seed(options.seed + 7 + t))
@@ -200,7 +202,7 @@ def _train(
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             result = mrbp.backward(model, ids.to(device), labels=labels.to(device))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip(model.parameters())
             opt.step()
             schedule.step()
             loss = float(result.loss)

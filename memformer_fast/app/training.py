@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import mrbp
+from ..clipping import SpikeClip
 from ..config import MemformerConfig
 from ..model import Memformer
 from .data import ByteData, RolloutInputs, rollout_inputs, streams
@@ -77,7 +78,8 @@ class TrainSettings:
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the fixed limit of the gradient norm (0: none)
+    grad_clip_factor: float = 4.0  # and this many times the recent norms' mean (SpikeClip; 0: off)
     eval_every: int = 200
     eval_bytes: int = 65536
     save_every: int = 200
@@ -97,6 +99,10 @@ class TrainSettings:
             raise UserError("--steps and --warmup-steps must be >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (self.grad_clip_factor == 0 or self.grad_clip_factor >= 1):
+            raise UserError(
+                f"--grad-clip-factor must be 0 (off) or >= 1, got {self.grad_clip_factor}"
+            )
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -146,6 +152,7 @@ class Trainer:
     pending_eval: dict[str, float] | None = None
     saved_step: int | None = None  # the step of the checkpoint on disk, if any
     stop_signal: int | None = None  # the signal that stopped the last train(), if any
+    clip: SpikeClip = field(init=False)  # its running norm is part of the run's state
 
     @classmethod
     def create(
@@ -173,6 +180,7 @@ class Trainer:
             "rng": self.rng_state,
             "history": self.history,
             "pending_eval": self.pending_eval,
+            "grad_clip": self.clip.state_dict(),
         }
         state["checksum"] = checksum(state)
         return state
@@ -262,6 +270,8 @@ class Trainer:
             pending_eval=ckpt.get("pending_eval"),
             saved_step=int(ckpt["step"]),
         )
+        if "grad_clip" in ckpt:  # older checkpoints clipped at the fixed limit only
+            trainer.clip.load_state_dict(ckpt["grad_clip"])
         _restore_rng(trainer.rng_state, model.device)
         return trainer
 
@@ -272,6 +282,9 @@ class Trainer:
         return self.settings.segments * self.model.config.segment_length
 
     def __post_init__(self) -> None:
+        self.clip = SpikeClip(
+            self.settings.grad_clip or math.inf, self.settings.grad_clip_factor or math.inf
+        )
         aligned = self.data.train_offsets is not None
         if aligned != self.settings.reset_at_file_boundaries:
             raise UserError(
@@ -320,12 +333,11 @@ class Trainer:
             resets=inputs.resets,
             compile=self.settings.compile,
         )
-        clip = self.settings.grad_clip if self.settings.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not bool(torch.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"the gradient norm of step {self.step + 1} is not finite")
         with _signals_deferred():  # the commit is all or nothing, even under Ctrl-C or SIGTERM
+            norm = self.clip(self.model.parameters())  # a non-finite norm leaves clip as it was
+            if not bool(torch.isfinite(norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"the gradient norm of step {self.step + 1} is not finite")
             for group in self.optimizer.param_groups:
                 group["lr"] = self.settings.lr_at(self.step)
             self.optimizer.step()
@@ -468,6 +480,8 @@ def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> Memformer
 def resumed_settings(ckpt: dict[str, Any], overrides: dict[str, Any]) -> TrainSettings:
     """The checkpoint's settings updated with ``overrides``; the data layout may not change."""
     saved = {**asdict(TrainSettings()), **ckpt["settings"]}  # older checkpoints lack new fields
+    if "grad_clip_factor" not in ckpt["settings"]:  # clipped at the fixed limit only
+        saved["grad_clip_factor"] = 0.0
     for name in DATA_LAYOUT:
         if name in overrides and overrides[name] != saved[name]:
             flag = "--" + name.replace("_", "-")
@@ -580,6 +594,11 @@ def _invalid_field(ckpt: dict[str, Any], config: MemformerConfig) -> str | None:
     problem = _invalid_rng(ckpt["rng"])
     if problem:
         return problem
+    if "grad_clip" in ckpt:
+        try:
+            SpikeClip().load_state_dict(ckpt["grad_clip"])
+        except ValueError as error:
+            return f"grad_clip: {error}"
     history = ckpt["history"]
     entry_keys = {"step", "train_loss", "bits_per_byte"}
     if not isinstance(history, list) or not all(
@@ -655,11 +674,13 @@ def _tensor_digest(t: Tensor) -> str:
 
 CHECKED_FIELDS = ("config", "settings", "data", "step", "model", "optimizer", "memory", "rng",
                   "history", "pending_eval")  # fmt: skip
+LATER_CHECKED_FIELDS = ("grad_clip",)  # checked when present: older checksums do not cover them
 
 
 def checksum(state: dict[str, Any]) -> dict[str, Any]:
     """sha256 of every tensor of a checkpoint (by path) and one of all its other fields."""
     fields = {k: state.get(k) for k in CHECKED_FIELDS}
+    fields.update({k: state[k] for k in LATER_CHECKED_FIELDS if k in state})
     plain: list[str] = []
     _plain_fields(fields, "", plain)
     return {
