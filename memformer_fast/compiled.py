@@ -62,7 +62,7 @@ def _decode_loss(
     return summed_loss(model.decode(decoder_inputs, context, mask, decoder_mask), targets)
 
 
-_GRAPHS: dict[tuple[str, str], tuple[Callable[..., Any], Callable[..., Any]]] = {}
+_GRAPHS: dict[tuple[str, str, str], tuple[Callable[..., Any], Callable[..., Any]]] = {}
 
 
 def check_mode(compile: object, model: Memformer) -> str | None:
@@ -90,15 +90,30 @@ def check_mode(compile: object, model: Memformer) -> str | None:
     return compile
 
 
-def graphs(mode: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The compiled ``(critical path, decoder and loss)`` for ``mode`` (and :data:`BACKEND`),
-    made once per process:
-    Dynamo keeps their graphs per model and situation (guards), so later calls reuse them."""
-    key = (BACKEND, mode)
+def inductor_options(mode: str, device_type: str) -> dict[str, Any]:
+    """Inductor's options for ``mode`` on ``device_type``.
+
+    On the CPU the generated code calls its kernels from a C++ wrapper (``cpp_wrapper``) instead
+    of a Python function: a launch-bound segment runs about a thousand small kernels and extern
+    calls, each of which costs microseconds of Python in the default wrapper (the launch-bound
+    step of ``benchmarks/bench_compile.py`` is about a third faster with it). On CUDA the
+    default Python wrapper stays: CUDA graphs (``reduce-overhead``) remove that cost there.
+    """
+    options = dict(torch._inductor.list_mode_options(mode))
+    if device_type == "cpu":
+        options["cpp_wrapper"] = True
+    return options
+
+
+def graphs(mode: str, device_type: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The compiled ``(critical path, decoder and loss)`` for ``mode`` on ``device_type`` (with
+    :data:`BACKEND`), made once per process: Dynamo keeps their graphs per model and situation
+    (guards), so later calls reuse them."""
+    key = (BACKEND, mode, device_type)
     if key not in _GRAPHS:
         options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": BACKEND}
         if BACKEND == "inductor":
-            options["mode"] = mode
+            options["options"] = inductor_options(mode, device_type)
         _GRAPHS[key] = (torch.compile(_encode, **options), torch.compile(_decode_loss, **options))
     return _GRAPHS[key]
 
@@ -115,7 +130,7 @@ def rollout_step(
     """:func:`memformer_fast.rollout.rollout_step` through the compiled graphs: the same
     ``(loss share or None, M_{t+1})``, the same dropout masks (the model's ``rollout_logits`` and
     ``rollout_step`` methods are not called, so a wrapper of them does not see these steps)."""
-    encode, decode_loss = graphs(mode)
+    encode, decode_loss = graphs(mode, model.device.type)
     targets = _dense(rollout.targets[t])
     decode = with_loss and targets is not None
     reset = _dense(None if rollout.resets is None else rollout.resets[t])

@@ -107,6 +107,18 @@ def test_compile_argument_is_checked():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_inductor_options_per_device():
+    """The CPU's generated code calls its kernels from C++ (cpp_wrapper: the launch-bound step's
+    Python overhead); CUDA keeps the mode's options as they are (CUDA graphs there)."""
+    assert compiled.inductor_options("default", "cpu") == {"cpp_wrapper": True}
+    assert compiled.inductor_options("max-autotune-no-cudagraphs", "cpu") == {
+        **torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
+        "cpp_wrapper": True,
+    }
+    assert compiled.inductor_options("default", "cuda") == {}
+    assert compiled.inductor_options("reduce-overhead", "cuda") == {"triton.cudagraphs": True}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inductor"], indirect=True)
 def test_inductor_compiled_mrbp_equals_bptt(backend: str):
