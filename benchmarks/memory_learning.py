@@ -165,7 +165,8 @@ def _changes(r: dict[str, Any]) -> list[str]:
     spike = r.get("spike_factor", 0.0)
     clip += [f"spike-factor={spike:g}"] if spike != 4.0 else []
     stop = [f"stop-at={r['stop_at']:g}"] if r.get("stop_at", 0.97) != 0.97 else []
-    return [*r["overrides"], *lr, *clip, *stop]
+    note = [r["note"]] if "note" in r else []  # how a run was made differently, by hand
+    return [*r["overrides"], *lr, *clip, *stop, *note]
 
 
 def _table(runs: list[dict[str, Any]]) -> list[str]:
@@ -187,6 +188,7 @@ def _table(runs: list[dict[str, Any]]) -> list[str]:
 
 GROUPS = {
     "matrix": "the targets, from the defaults",
+    "wider": "the defaults at a width beyond the targets' (one seed)",
     "ablations": "one change from the defaults",
     "fixed_clip": "the matrix before SpikeClip (gradients clipped at 1.0 only)",
     "old_lr": "the first matrix, at lr 3e-3 (before the lr was lowered)",

@@ -334,6 +334,8 @@ BAD_FLAGS = [
     ("train-d-model-word", ["train", "--d-model", "wide"], ["--d-model", "expected an integer"]),
     ("train-heads-divide", ["train", "--n-heads", "3"], ["d_model (32) must be divisible"]),
     ("train-val-fraction", ["train", "--val-fraction", "1.5"], ["--val-fraction must be in"]),
+    ("train-grad-clip-factor", ["train", "--grad-clip-factor", "0.5"],
+     ["--grad-clip-factor must be 0 (off) or >= 1, got 0.5"]),
     ("train-max-bytes-zero", ["train", "--max-bytes", "0"], ["--max-bytes", "must be >= 1"]),
     ("generate-temperature-inf", ["generate", "--temperature", "inf"],
      ["--temperature", "must be a finite number, got inf"]),
