@@ -4,10 +4,11 @@ A fixed threshold (1.0) bounds the early, large gradients, but once a Memformer 
 its gradient norm falls to about 0.01 and Adam's second moment with it. A single batch that
 returns a norm of 30 to 200 is then clipped to 1.0, still 100 times the recent norms, and Adam
 turns it into a step of tens of learning rates in every coordinate it touches: the recall of a
-solved model can collapse for good (docs/memory_learning.md, items 6 and 9). :class:`SpikeClip` also clips to a
-multiple of the running mean of the recent (clipped) norms, so no step is much larger than the
-ones before it, while a lasting rise of the gradient (a new curriculum stage) still passes within
-a few updates: the limit grows by up to ``momentum + (1 - momentum) * factor`` per update.
+solved model can collapse for good (docs/memory_learning.md, items 6 and 9). :class:`SpikeClip`
+also clips to a multiple of the running mean of the recent (clipped) norms, so no step is much
+larger than the ones before it, while a lasting rise of the gradient (a new curriculum stage)
+still passes within a few updates: the limit grows by up to ``momentum + (1 - momentum) * factor``
+per update.
 """
 
 from __future__ import annotations
