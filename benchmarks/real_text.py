@@ -235,7 +235,8 @@ def main() -> None:
         cfg["minutes"] = args.minutes
     work = Path(args.work)
     default_out = work / "smoke" if args.smoke else ROOT / "benchmarks/results/real_text"
-    out = Path(args.out) if args.out else default_out
+    # Relative to the working directory: the commands written into results.md stay portable.
+    out = Path(os.path.relpath(Path(args.out) if args.out else default_out))
     out.mkdir(parents=True, exist_ok=True)
     root, files = stdlib_files()
     train_dir, held_dir, data = split_files(root, files, work)
