@@ -32,7 +32,7 @@ import torch
 
 from memformer_fast import mrbp
 from memformer_fast.app.recall import RecallTask, recall_accuracy
-from memformer_fast.clipping import SpikeClip
+from memformer_fast.clipping import DEFAULT_FACTOR, SpikeClip
 from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
 
@@ -152,7 +152,7 @@ def run_name(args: argparse.Namespace) -> str:
     extra = "".join(f"_{s.replace('=', '')}" for s in args.set)
     lr = "" if args.lr == default_lr(args.d_model) else f"_lr{args.lr:g}"
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
-    spike = "" if args.spike_factor == 4.0 else f"_spike{args.spike_factor:g}"
+    spike = "" if args.spike_factor == DEFAULT_FACTOR else f"_spike{args.spike_factor:g}"
     return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}{spike}"
 
 
@@ -163,7 +163,7 @@ def _changes(r: dict[str, Any]) -> list[str]:
     clip = [f"clip={r['clip']:g}"] if r["clip"] != 1.0 else []
     # Runs from before SpikeClip clipped at the fixed limit only.
     spike = r.get("spike_factor", 0.0)
-    clip += [f"spike-factor={spike:g}"] if spike != 4.0 else []
+    clip += [f"spike-factor={spike:g}"] if spike != DEFAULT_FACTOR else []
     stop = [f"stop-at={r['stop_at']:g}"] if r.get("stop_at", 0.97) != 0.97 else []
     note = [r["note"]] if "note" in r else []  # how a run was made differently, by hand
     return [*r["overrides"], *lr, *clip, *stop, *note]
@@ -263,7 +263,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, help="default: 1e-3 x 64 / d_model, see default_lr")
     p.add_argument("--clip", type=float, default=1.0, help="0 turns clipping off")
     p.add_argument(
-        "--spike-factor", type=float, default=4.0,
+        "--spike-factor", type=float, default=DEFAULT_FACTOR,
         help="also clip to this many times the running mean of the recent norms (SpikeClip); "
         "0 turns it off",
     )  # fmt: skip

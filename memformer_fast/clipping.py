@@ -20,6 +20,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+DEFAULT_FACTOR = 4.0  # the relative limit of SpikeClip, and of `memformer-fast train`
+
+# torch >= 2.6: one foreach norm per device and dtype, the partial norms gathered on the first
+# device (as clip_grad_norm_ does); older torch: one norm per tensor (the same numbers on one
+# device and dtype).
+_total_norm = getattr(
+    torch.nn.utils,
+    "get_total_norm",
+    lambda grads: torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    ),
+)
+
 
 class SpikeClip:
     """Clip the total gradient norm to ``min(max_norm, factor * running mean of clipped norms)``.
@@ -42,7 +55,9 @@ class SpikeClip:
     run exactly.
     """
 
-    def __init__(self, max_norm: float = 1.0, factor: float = 4.0, momentum: float = 0.9) -> None:
+    def __init__(
+        self, max_norm: float = 1.0, factor: float = DEFAULT_FACTOR, momentum: float = 0.9
+    ) -> None:
         if not max_norm > 0:  # also rejects NaN
             raise ValueError(f"max_norm must be > 0 (inf: no fixed limit), got {max_norm}")
         if not factor >= 1:
@@ -72,7 +87,7 @@ class SpikeClip:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = _total_norm(grads)
         value = float(norm)
         if not math.isfinite(value):
             return norm

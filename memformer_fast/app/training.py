@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import mrbp
-from ..clipping import SpikeClip
+from ..clipping import DEFAULT_FACTOR, SpikeClip
 from ..config import MemformerConfig
 from ..model import Memformer
 from .data import ByteData, RolloutInputs, rollout_inputs, streams
@@ -79,7 +79,7 @@ class TrainSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # the fixed limit of the gradient norm (0: none)
-    grad_clip_factor: float = 4.0  # and this many times the recent norms' mean (SpikeClip; 0: off)
+    grad_clip_factor: float = DEFAULT_FACTOR  # and this many times the recent norms' mean (0: off)
     eval_every: int = 200
     eval_bytes: int = 65536
     save_every: int = 200
