@@ -1,6 +1,11 @@
 """Build script: the Python package, the Triton kernels (``kernels/`` installed as
 ``memformer_fast.kernels``) and the replay-buffer extension ``memformer_fast._C``.
 
+``kernels/`` has no ``__init__.py``, so that from the repository root it never shadows an installed
+``kernels`` distribution; the package's ``__init__`` is ``memformer_fast/kernels/__init__.py``.
+``build_py`` (what a wheel holds) copies the modules of ``kernels/`` beside it; an editable install
+imports them from ``kernels/`` through the package's ``__path__``.
+
 Build with ``pip install --no-build-isolation -e .`` (torch must already be installed). The
 extension is a ``CUDAExtension`` where CUDA is present (torch built with CUDA, and a GPU or a CUDA
 toolkit visible) or when ``FORCE_CUDA=1``, and a ``CppExtension`` otherwise. Compilation runs with
@@ -18,6 +23,7 @@ import glob
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 try:
     import torch
@@ -78,6 +84,23 @@ def with_cuda() -> bool:
     return True
 
 
+KERNEL_PACKAGE, KERNEL_SOURCES = "memformer_fast.kernels", "kernels"
+
+
+class BuildPy(build_py):
+    """``build_py`` that also puts the modules of ``kernels/`` into ``memformer_fast.kernels``."""
+
+    def find_package_modules(self, package, package_dir):  # type: ignore[no-untyped-def]
+        modules = super().find_package_modules(package, package_dir)
+        if package == KERNEL_PACKAGE:
+            for path in sorted(glob.glob(os.path.join(KERNEL_SOURCES, "*.py"))):
+                name = os.path.splitext(os.path.basename(path))[0]
+                if name == "__init__":
+                    raise SystemExit(f"{path} would shadow other `kernels` packages: remove it")
+                modules.append((package, name, path))
+        return modules
+
+
 def extension() -> Extension:
     """``memformer_fast._C``: CUDA sources only in the CUDA variant, a CPU stub in the other."""
     cxx_flags = ["-O3", "-fvisibility=hidden"]
@@ -102,9 +125,8 @@ setup(
         "memformer_fast",
         "memformer_fast.app",
         "memformer_fast.hf",
-        "memformer_fast.kernels",
+        KERNEL_PACKAGE,
     ],
-    package_dir={"memformer_fast": "memformer_fast", "memformer_fast.kernels": "kernels"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy},
 )
