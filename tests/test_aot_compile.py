@@ -18,7 +18,10 @@ memory above the target's limit, or on any register spill (``STRICT_SPILLS``: bo
 launchers take sm_80's own tiles where sm_90's spill there), and prints a table.
 
 Compilation runs in subprocesses (one per target, in parallel) with ``TRITON_INTERPRET`` unset:
-under the interpreter ``triton.jit`` yields functions the compiler cannot take. ``make
+under the interpreter ``triton.jit`` yields functions the compiler cannot take. Each worker has
+caches of its own under the test's ``tmp_path`` and no ``TRITON_*`` variable of the caller's
+(``testing_utils.compile_worker_env``): whatever ran before or beside it (the rest of the suite,
+another run sharing ``~/.triton/cache``), it compiles the same kernels from scratch. ``make
 check-aot-triton-latest`` runs this test under the newest Triton too.
 """
 
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +61,7 @@ def _launches() -> Iterator[tuple[str, Callable[[], object]]]:
     and less code) run once per dtype at head dim 64 (width 512 for the gated update).
     """
     import torch
+
     from memformer_fast.kernels import gated_update as gu
     from memformer_fast.kernels import memory_read as mr
     from memformer_fast.kernels import memory_write as mw
@@ -201,13 +206,14 @@ def _compile_all(capability: int, only: list[str]) -> list[dict]:
     return rows
 
 
-def test_aot_compile_jit_specialisations() -> None:
+def test_aot_compile_jit_specialisations(tmp_path: Path) -> None:
     triton = pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    from testing_utils import compile_worker_env
+
     procs = {
         cap: subprocess.Popen(
             [sys.executable, __file__, str(cap)],
-            env=env,
+            env=compile_worker_env(tmp_path / f"sm_{cap}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -217,8 +223,9 @@ def test_aot_compile_jit_specialisations() -> None:
     failures = []
     for cap, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=3000)
-        assert proc.returncode == 0, f"sm_{cap} compile worker failed:\n{stderr[-4000:]}"
-        rows = json.loads(stdout)
+        status = proc.returncode
+        assert status == 0, f"sm_{cap} compile worker exited {status}:\n{stderr[-4000:]}"
+        rows = json.loads(stdout.strip().splitlines()[-1])  # its last line: what else it printed
         limit, _ = TARGETS[cap]
         print(f"\ntriton {triton.__version__}, sm_{cap}: {len(rows)} specialisations "
               f"(shared memory limit {limit} B)")  # fmt: skip

@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -68,12 +69,12 @@ REGISTERED = {
 def _simulate_cuda() -> None:
     """From now on in this process, the ops take their CUDA path on CPU tensors, for an sm_90
     device with 132 SMs, and launches are specialised by Triton but neither compiled nor run."""
-    from memformer_fast.kernels import utils
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
     from memformer_fast import ops
+    from memformer_fast.kernels import utils
 
     class TargetDriver:
         """Names an sm_90 target; launches nothing."""
@@ -239,10 +240,12 @@ def _inductor_copies() -> dict[str, bool]:
     return result
 
 
-def _run_here(*args: str) -> dict:
-    """This file run as a script with ``args``, without ``TRITON_INTERPRET``: its JSON."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+def _run_here(cache: Path, *args: str) -> dict:
+    """This file run as a script with ``args``, without ``TRITON_INTERPRET`` and with caches of
+    its own under ``cache`` (``testing_utils.compile_worker_env``): its JSON."""
+    from testing_utils import compile_worker_env
+
+    env = compile_worker_env(cache)
     run = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=900
     )
@@ -250,10 +253,10 @@ def _run_here(*args: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_cuda_path_traces_to_kernel_launches() -> None:
+def test_cuda_path_traces_to_kernel_launches(tmp_path: Path) -> None:
     """Every forward and backward graph launches the op's kernels and holds no opaque op on the
     CUDA path; on the CPU's (the control: what every device got before), only the opaque op."""
-    traced = _run_here("trace")
+    traced = _run_here(tmp_path, "trace")
     for name, kernels in EXPECTED.items():
         for part, launched in zip(("forward", "backward"), kernels, strict=True):
             cpu = traced["cpu"][name][part]
@@ -270,8 +273,8 @@ def test_cuda_path_traces_to_kernel_launches() -> None:
 
 
 @pytest.mark.aot
-def test_inductors_copy_of_each_kernel_compiles_to_the_same_ptx() -> None:
-    copies = _run_here("inductor-copies")
+def test_inductors_copy_of_each_kernel_compiles_to_the_same_ptx(tmp_path: Path) -> None:
+    copies = _run_here(tmp_path, "inductor-copies")
     expected = {kernel for forward, backward in EXPECTED.values() for kernel in forward + backward}
     assert copies == dict.fromkeys(expected, True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,21 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def compile_worker_env(cache: Path) -> dict[str, str]:
+    """The environment of a worker process that compiles kernels: this one's less every
+    ``TRITON_*`` variable (conftest's ``TRITON_INTERPRET=1``, and any cache, dump or override knob
+    of the caller's), with Triton's and inductor's caches of its own under ``cache``, so that
+    nothing it compiles is shared with (or read from, half-written) another process: the other
+    target's worker, another test run, another checkout's CI. One thread per worker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    return env | {
+        "TRITON_HOME": str(cache),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 # The smallest useful model (memformer_fast.presets "tiny").
