@@ -1,27 +1,41 @@
 # The README's two commands: `make demo` (set up + the main job) and `make test` (set up + tests).
+# Every target runs $(PYTHON), and the tools it installed: make demo PYTHON=.venv/bin/python uses
+# that virtual environment throughout (its pip, ruff, mypy, pytest and memformer-fast).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
+# Where pip put $(PYTHON)'s console scripts (memformer-fast).
+SCRIPTS = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 # The CPU build of torch (a pinned version; an unpinned torch pulls CUDA packages) and the triton
-# release the GPU machines run, so CI checks the compiler that runs there.
+# release the GPU machines run, so CI checks the compiler that runs there. Everything else is
+# unpinned: a fresh environment gets the newest release of each.
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
+# The tests `make test` leaves to `make test-slow` (CI runs both: together, the whole suite).
+SLOW ?= slow or aot or interpreter
 
-.PHONY: install demo test lint bench real-text check-gpu-build check-aot-triton-latest
+.PHONY: install demo test test-slow lint bench real-text check-gpu-build check-aot-triton-latest
 
+# setuptools >= 70.1 builds the editable wheel itself (the wheel package no longer provides
+# bdist_wheel to older ones, and pip then falls back to a legacy `setup.py develop`); the
+# extension is compiled by the ninja installed here (torch looks for it on PATH).
 install:
-	$(PIP) install -q "$(TORCH)" "$(TRITON)" ninja "setuptools>=64" wheel
-	$(PIP) install -q --no-build-isolation -e ".[test,demo,hf]"
+	$(PIP) install -q --upgrade "setuptools>=70.1" wheel ninja
+	$(PIP) install -q "$(TORCH)" "$(TRITON)"
+	PATH="$(SCRIPTS):$$PATH" $(PIP) install -q --no-build-isolation -e ".[test,demo,hf]"
 
 demo: install
-	memformer-fast demo
+	$(SCRIPTS)/memformer-fast demo
 
 lint:
-	ruff check .
-	ruff format --check .
-	mypy
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 test: install lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15 -m "not ($(SLOW))"
+
+test-slow: install
+	$(PYTHON) -m pytest -q --durations=15 -m "$(SLOW)"
 
 # The peer (lucidrains' memformer) declares only torch and einops: --no-deps keeps our torch.
 bench: install
@@ -55,7 +69,7 @@ GPU_VENV ?= $(GPU_BUILD_DIR)/venv
 GPU_ARCHS ?= 8.0;9.0
 check-gpu-build:
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q "$(GPU_TORCH)" numpy ninja "setuptools>=64" wheel \
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade "$(GPU_TORCH)" numpy ninja "setuptools>=70.1" wheel \
 		pytest hypothesis
 	$(call copy_sources,$(GPU_BUILD_DIR))
 	cd $(GPU_BUILD_DIR)/src && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(GPU_ARCHS)" \
@@ -82,7 +96,7 @@ LATEST_DIR ?= build/triton-latest
 LATEST_VENV ?= $(LATEST_DIR)/venv
 check-aot-triton-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)" numpy ninja "setuptools>=64" wheel pytest
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade "$(TORCH)" numpy ninja "setuptools>=70.1" wheel pytest
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade triton
 	$(call copy_sources,$(LATEST_DIR))
 	cd $(LATEST_DIR)/src && $(abspath $(LATEST_VENV))/bin/python -m pip install -q \
