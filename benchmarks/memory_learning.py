@@ -31,12 +31,13 @@ from typing import Any
 import torch
 
 from memformer_fast import mrbp
-from memformer_fast.app.recall import RecallTask, recall_accuracy
+from memformer_fast.app.recall import RecallStream, RecallTask, recall_accuracy
 from memformer_fast.clipping import DEFAULT_FACTOR, SpikeClip
 from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
 
 PROBE_SEQUENCES = 256
+TASK = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
 
 
 def default_lr(d_model: int) -> float:
@@ -69,6 +70,12 @@ def build_config(arch: str, d_model: int, task: RecallTask, overrides: dict[str,
     )  # fmt: skip
 
 
+def build_model(args: argparse.Namespace) -> Memformer:
+    """The run's model (``--set FIELD=VALUE`` overrides its config), freshly initialised."""
+    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    return Memformer(build_config(args.arch, args.d_model, TASK, overrides))
+
+
 def parse_schedule(text: str) -> list[tuple[int, int, int]]:
     """``"100:2,100:4,1000:3-8"`` -> ``[(100, 2, 2), (100, 4, 4), (1000, 3, 8)]``: updates, then
     the number of segments, or a range to draw it from uniformly at every update."""
@@ -80,12 +87,12 @@ def parse_schedule(text: str) -> list[tuple[int, int, int]]:
     return stages
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
+    """Train one model along ``args.schedule``; its record (curve, final accuracies) and itself."""
     torch.set_num_threads(args.threads)
-    task = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
-    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    task = TASK
     torch.manual_seed(args.seed)
-    model = Memformer(build_config(args.arch, args.d_model, task, overrides))
+    model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     clip = SpikeClip(args.clip or math.inf, args.spike_factor or math.inf)
     batches = torch.Generator().manual_seed(args.seed)
@@ -93,6 +100,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         t: task.sample(PROBE_SEQUENCES, t, generator=torch.Generator().manual_seed(10_000 + t))
         for t in (8, 16)
     }
+    stream = RecallStream(task, args.batch_size, args.carry) if args.carry else None
     curve: list[dict[str, float]] = []
     step, start, above = 0, time.perf_counter(), 0
     schedule = parse_schedule(args.schedule)
@@ -105,9 +113,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             num_segments = low
             if high > low:  # a mixed-length stage: recall must not depend on the rollout's length
                 num_segments = int(torch.randint(low, high + 1, (1,), generator=batches))
-            ids, labels, _ = task.sample(args.batch_size, num_segments, generator=batches)
             opt.zero_grad(set_to_none=True)
-            result = mrbp.backward(model, ids, labels=labels)
+            if stream is not None and stage == len(schedule) - 1:
+                ids, labels, resets = stream.sample(num_segments, generator=batches)
+                result = mrbp.backward(model, ids, stream.memory, labels=labels, resets=resets)
+                stream.advance(model, ids, resets)
+            else:
+                ids, labels, _ = task.sample(args.batch_size, num_segments, generator=batches)
+                result = mrbp.backward(model, ids, labels=labels)
             # The norm before clipping: spikes announce a collapse.
             norm = clip(model.parameters())
             opt.step()
@@ -136,9 +149,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "acc8_reset": recall_accuracy(model, probes[8][0], probes[8][2], reset_memory=True),
     }
     first = next((c["step"] for c in curve if c["acc8"] >= 0.95), None)
-    return dict(
+    record = dict(
         arch=args.arch, d_model=args.d_model, seed=args.seed, lr=args.lr, clip=args.clip,
-        spike_factor=args.spike_factor,
+        spike_factor=args.spike_factor, carry=args.carry,
         overrides=args.set, schedule=args.schedule, batch_size=args.batch_size, steps=step,
         stop_at=args.stop_at,
         first_step_95=first, seconds=time.perf_counter() - start, curve=curve, final=final,
@@ -146,6 +159,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         chance=task.chance, machine=f"{platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s)", torch=torch.__version__,
     )  # fmt: skip
+    return record, model
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -153,7 +167,8 @@ def run_name(args: argparse.Namespace) -> str:
     lr = "" if args.lr == default_lr(args.d_model) else f"_lr{args.lr:g}"
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
     spike = "" if args.spike_factor == DEFAULT_FACTOR else f"_spike{args.spike_factor:g}"
-    return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}{spike}"
+    carry = f"_carry{args.carry:g}" if args.carry else ""
+    return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}{spike}{carry}"
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
@@ -255,8 +270,8 @@ def report(folder: Path) -> None:
     fig.savefig(folder / "curves.png", dpi=100)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of one training run (architecture, width, seed, optimiser, schedule, config)."""
     p.add_argument("--arch", default="decoder", choices=("decoder", "encoder-decoder"))
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -274,16 +289,31 @@ def main() -> None:
     p.add_argument("--min-final", type=int, default=200, help="updates on the last stage first")
     p.add_argument("--set", action="append", default=[], help="MemformerConfig FIELD=VALUE")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--carry", type=float, default=0.0,
+        help="on the last stage, carry the memory across updates: each row starts a new episode "
+        "with this probability per update (RecallStream); 0: fresh rollouts only",
+    )  # fmt: skip
+
+
+def resolve_training_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on other options (schedule, learning rate)."""
+    args.schedule = args.schedule or SCHEDULES[args.arch]
+    args.lr = args.lr or default_lr(args.d_model)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_training_arguments(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_learning/matrix"))
     p.add_argument("--report", type=Path, help="write the report of the runs under DIR and exit")
     args = p.parse_args()
     if args.report:
         report(args.report)
         return
-    args.schedule = args.schedule or SCHEDULES[args.arch]
-    args.lr = args.lr or default_lr(args.d_model)
+    resolve_training_defaults(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    result = train(args)
+    result, _ = train(args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{run_name(args)}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

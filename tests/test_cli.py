@@ -93,7 +93,8 @@ def test_recall_accuracy_matches_a_manual_evaluation() -> None:
 
 
 def test_recall_accuracy_of_the_encoder_decoder_decodes_the_last_segment() -> None:
-    """The encoder-decoder answers while decoding the last segment from the one before it."""
+    """The encoder-decoder answers while decoding the last segment from the one before it: the
+    logits at the last position (whose decoder input is the query) predict the key."""
     torch.manual_seed(0)
     task = RecallTask(segment_length=8)
     cfg = MemformerConfig(
@@ -110,8 +111,9 @@ def test_recall_accuracy_of_the_encoder_decoder_decodes_the_last_segment() -> No
             memory = model(segment, memory=memory).memory
         logits = model(segments[2], memory=memory, decoder_input_ids=decoder_inputs).logits
         reset = model(segments[2], decoder_input_ids=decoder_inputs).logits
-    expected = (logits[:, -2].argmax(-1) == keys).float().mean().item()
-    expected_reset = (reset[:, -2].argmax(-1) == keys).float().mean().item()
+    # The decoder's input at the last position is the query; its logits there predict the key.
+    expected = (logits[:, -1].argmax(-1) == keys).float().mean().item()
+    expected_reset = (reset[:, -1].argmax(-1) == keys).float().mean().item()
     assert recall_accuracy(model, ids, keys, batch_size=10) == pytest.approx(expected)
     assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
 

@@ -10,6 +10,7 @@ alone the key is unknowable, so a model whose memory is reset at every segment c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,69 @@ class RecallTask:
         return ids, labels, keys
 
 
+class RecallStream:
+    """Recall episodes longer than a rollout: the memory is carried from one update to the next.
+
+    Each of ``batch_size`` rows is an endless stream of episodes. An episode starts from the
+    initial memory with the key in its first segment; every rollout of the episode ends with a
+    query for that key, decoded from the memory of the segments before it (the query segment is
+    asked, not kept: the stream carries the memory of the distractors only, so the key is never
+    seen again). At each update a row starts a new episode with probability ``restart``, so the
+    keys the model is asked for are of every age, up to many times the rollout's length, while the
+    gradient still spans one rollout (truncated back-propagation through time, as when a long
+    document is trained on rollout by rollout). Trained on fresh rollouts alone, the readout only
+    ever sees keys as young as the longest rollout, and what the memory holds of a key keeps
+    turning for about a hundred segments after it was written (docs/memory_learning.md).
+    """
+
+    def __init__(self, task: RecallTask, batch_size: int, restart: float) -> None:
+        if not 0 < restart <= 1:
+            raise ValueError(f"restart must be in (0, 1], got {restart!r}")
+        self.task, self.batch_size, self.restart = task, batch_size, restart
+        self.memory: Tensor | None = None  # [B, S, D], carried; None before the first rollout
+        self.keys = torch.zeros(batch_size, dtype=torch.long)
+
+    def sample(
+        self, num_segments: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids [B, T*L], labels [B, T*L], resets [B, T])`` of the next rollout: rows that
+        restart get a key in their first segment and their memory reset before it; the others a
+        distractor segment, and the query asks for their episode's key."""
+        B, L = self.batch_size, self.task.segment_length
+        ids, labels, keys = self.task.sample(B, num_segments, generator=generator)
+        restart = torch.rand(B, generator=generator) < self.restart
+        if self.memory is None:
+            restart[:] = True
+        go_on = ~restart
+        ids[go_on, :L] = torch.randint(
+            FIRST_KEY, self.task.vocab_size, (int(go_on.sum()), L), generator=generator
+        )
+        self.keys = torch.where(restart, keys, self.keys)
+        ids[:, -1] = labels[:, -1] = self.keys
+        resets = torch.zeros(B, num_segments, dtype=torch.bool)
+        resets[:, 0] = restart
+        return ids, labels, resets
+
+    @torch.no_grad()
+    def advance(self, model: Memformer, input_ids: Tensor, resets: Tensor) -> None:
+        """Carry the memory over the rollout's segments but its last (the query's)."""
+        memory = self.memory if self.memory is not None else model.init_memory(self.batch_size)
+        memory = torch.where(resets[:, :1, None], model.init_memory(self.batch_size), memory)
+        segments = input_ids.to(model.device).split(self.task.segment_length, dim=1)
+        for segment in segments[:-1]:
+            _, memory = model.read_segment(segment, memory)
+        self.memory = memory.detach()
+
+
+def answer_logits(model: Memformer, logits: Tensor) -> Tensor:
+    """``[B, V]``: the logits that predict the key from the last segment's ``logits [B, L, V]``.
+
+    The decoder predicts the next token, so the query (second to last) predicts the key; the
+    encoder-decoder's logits at ``i`` predict token ``i`` of the decoded segment: the last one.
+    """
+    return logits[:, -1] if model.config.architecture == "encoder-decoder" else logits[:, -2]
+
+
 @torch.no_grad()
 def recall_accuracy(
     model: Memformer,
@@ -127,10 +191,79 @@ def recall_accuracy(
             else:
                 out = model(segments[-1], memory=memory)
             assert out.logits is not None
-            correct += int((out.logits[:, -2].argmax(-1).cpu() == key).sum())
+            correct += int((answer_logits(model, out.logits).argmax(-1).cpu() == key).sum())
     finally:
         model.train(was_training)
     return correct / len(input_ids)
+
+
+@torch.no_grad()
+def recall_by_length(
+    model: Memformer,
+    task: RecallTask,
+    lengths: Sequence[int],
+    num_sequences: int = 256,
+    *,
+    generator: torch.Generator | None = None,
+    first_segments: Tensor | None = None,
+    keys: Tensor | None = None,
+    on_segment: Callable[[int, Tensor, Tensor, bool], None] | None = None,
+    copies: int = 1,
+) -> dict[int, float]:
+    """Recall after each of ``lengths`` segments, from one stream at constant memory.
+
+    The sequences share their first segment (the key's) and their distractors up to each length;
+    the query segment is decoded from a copy of the memory when a length is reached, the stream
+    goes on without it. So one pass of ``max(lengths)`` segments answers every length, and the
+    memory held is one state whatever the length. ``first_segments [N, L]`` and ``keys [N]``
+    replace the sampled ones; ``on_segment(t, memory, next_memory, queried)`` sees each segment
+    written (``queried``: a query was decoded from ``memory`` just before). ``copies > 1``: the
+    rows are that many blocks that share every segment after the first (twins whose first segments
+    differ only in the key show what the memory holds of it).
+    """
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"lengths must be >= 2 segments, got {list(lengths)}")
+    if first_segments is None or keys is None:
+        ids, _, keys = task.sample(num_sequences, 2, generator=generator)
+        first_segments = ids[:, : task.segment_length]
+    was_training = model.training
+    model.eval()
+    rows, L = len(keys), task.segment_length
+    if rows % copies:
+        raise ValueError(f"{rows} sequences do not split into {copies} copies")
+
+    def draw() -> Tensor:
+        block = torch.randint(FIRST_KEY, task.vocab_size, (rows // copies, L), generator=generator)
+        return block.repeat(copies, 1)
+
+    # The segments decoded from the memory: the query's (decoder), or the one before it too.
+    lag = 2 if model.config.architecture == "encoder-decoder" else 1
+    accuracy: dict[int, float] = {}
+    memory = model.init_memory(rows)
+    segment = first_segments.to(model.device)
+    try:
+        for t in range(max(lengths)):
+            queried = t + lag in lengths
+            if queried:
+                query = draw()
+                query[:, -2], query[:, -1] = QUERY_TOKEN, keys
+                query = query.to(model.device)
+                if lag == 2:
+                    inputs, _ = shift_right(query, None, model.config.bos_token_id)
+                    out = model(segment, memory=memory, decoder_input_ids=inputs)
+                else:
+                    out = model(query, memory=memory)
+                assert out.logits is not None
+                answers = answer_logits(model, out.logits).argmax(-1).cpu()
+                accuracy[t + lag] = float((answers == keys).float().mean())
+            _, next_memory = model.read_segment(segment, memory)
+            if on_segment is not None:
+                on_segment(t, memory, next_memory, queried)
+            memory = next_memory
+            segment = draw().to(model.device)
+    finally:
+        model.train(was_training)
+    return dict(sorted(accuracy.items()))
 
 
 @dataclass(frozen=True)
