@@ -59,15 +59,18 @@ def test_recall_task_layout() -> None:
         task.sample(2, 2, key_copies=5)
 
 
-def test_curriculum_doubles_the_rollout_with_a_single_key() -> None:
+def test_curriculum_doubles_the_longest_rollout_and_mixes_lengths() -> None:
     stages = curriculum(16, 10)
-    assert [(s.num_segments, s.key_copies, s.steps) for s in stages] == [
-        (2, 1, 10), (4, 1, 10), (8, 1, 10), (16, 1, 20),
+    assert [(s.label, s.key_copies, s.steps) for s in stages] == [
+        ("T=2", 1, 10), ("T=2-4", 1, 10), ("T=2-8", 1, 10), ("T=2-16", 1, 20),
     ]  # fmt: skip
-    assert [(s.num_segments, s.key_copies) for s in curriculum(6, 10, key_copies=4)] == [
-        (2, 4), (2, 1), (4, 1), (6, 1),
+    assert [(s.label, s.key_copies) for s in curriculum(6, 10, key_copies=4)] == [
+        ("T=2", 4), ("T=2", 1), ("T=2-4", 1), ("T=2-6", 1),
     ]  # fmt: skip
     assert [(s.num_segments, s.steps) for s in curriculum(2, 10)] == [(2, 20)]
+    # Every length of a stage's range is drawn, odd ones included.
+    gen = torch.Generator().manual_seed(0)
+    assert {stages[-1].draw(gen) for _ in range(400)} == set(range(2, 17))
 
 
 def test_recall_accuracy_matches_a_manual_evaluation() -> None:

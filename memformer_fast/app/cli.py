@@ -141,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backend=args.backend,
         measure_memory=not args.no_memory_probe,
         out_dir=args.out,
+        reach_lengths=args.reach,
     )
     print(
         f"{PROG} demo: train a Memformer with MRBP to recall a key across "
@@ -152,6 +153,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     print(report.table(extra=[("wall time (all of the above)", f"{wall:.0f} s")]))
     return 0
+
+
+def _segment_lengths(text: str) -> tuple[int, ...]:
+    """``"16,256,4096"`` -> ``(16, 256, 4096)``; each a number of segments >= 2."""
+    try:
+        lengths = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers of segments, got {text!r}"
+        ) from None
+    if any(t < 2 for t in lengths):
+        raise argparse.ArgumentTypeError(f"every length must be >= 2 segments, got {text!r}")
+    return lengths
 
 
 # --------------------------------------------------------------------------------------- train
@@ -523,7 +537,15 @@ def _add_demo(sub: Any) -> None:
         action="store_true",
         help="skip measuring the peak memory of MRBP vs BPTT",
     )
+    demo.add_argument(
+        "--reach",
+        type=_segment_lengths,
+        default=(16, 256, 4096),
+        help="comma-separated rollout lengths at which to measure recall after training, "
+        "streamed at constant memory (default 16,256,4096; an empty string skips it)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     demo.set_defaults(func=cmd_demo)
 
 

@@ -26,7 +26,7 @@ from ..model import Memformer
 from ..presets import preset
 from .memory_probe import measure_peak_memory
 from .plotting import plot_curves
-from .recall import RecallTask, Stage, curriculum, recall_accuracy
+from .recall import RecallTask, Stage, curriculum, recall_accuracy, recall_by_length
 
 # The demo's models (memformer_fast.presets): "small", the default, 16 segments in about two
 # minutes on 2 CPU cores; "large", 32 segments of 32 tokens, minutes on a GPU, long on a CPU.
@@ -54,6 +54,9 @@ class DemoOptions:
     backend: str = "auto"
     measure_memory: bool = True
     out_dir: str | None = "runs/demo"
+    # Recall far beyond the trained length, streamed at constant memory (recall_by_length).
+    reach_lengths: tuple[int, ...] = (16, 256, 4096)
+    reach_sequences: int = 256
 
     @property
     def num_segments(self) -> int:
@@ -78,6 +81,8 @@ class DemoReport:
     device: str
     curve: dict[str, list[float]] = field(default_factory=dict)
     plot_path: str | None = None
+    reach: dict[int, float] = field(default_factory=dict)  # segments -> recall
+    reach_seconds: float = 0.0
 
     def table(self, extra: list[tuple[str, str]] | None = None) -> str:
         o = self.options
@@ -89,6 +94,20 @@ class DemoReport:
             ("accuracy, memory reset", f"{self.reset_accuracy:6.1%}"),
             ("chance level", f"{self.chance:6.1%}"),
             ("held-out sequences", f"{o.eval_sequences}"),
+        ]
+        rows += [
+            (
+                f"recall after {t:,} segments",
+                f"{acc:6.1%}   (memory reset {self.reset_accuracy:.1%})",
+            )
+            for t, acc in self.reach.items()
+        ]
+        if self.reach:
+            rows.append(
+                ("  measured as", f"{o.reach_sequences} sequences streamed at constant memory, "
+                 f"{self.reach_seconds:.0f} s")
+            )  # fmt: skip
+        rows += [
             ("train throughput (MRBP)", f"{self.train_tokens_per_s:,.0f} tokens/s"),
             ("eval throughput", f"{self.eval_tokens_per_s:,.0f} tokens/s"),
             ("train time", f"{self.train_seconds:.0f} s"),
@@ -138,6 +157,15 @@ def run_demo(
     accuracy = recall_accuracy(model, ids, keys)
     eval_seconds = time.perf_counter() - start
     reset_accuracy = recall_accuracy(model, ids, keys, reset_memory=True)
+    start = time.perf_counter()
+    reach = (
+        recall_by_length(
+            model, task, options.reach_lengths, options.reach_sequences, generator=eval_gen
+        )
+        if options.reach_lengths
+        else {}
+    )
+    reach_seconds = time.perf_counter() - start
     memory, what = _measure_memory(options, model, log) if options.measure_memory else ({}, "")
     report = DemoReport(
         options=options,
@@ -153,6 +181,8 @@ def run_demo(
         backend=_backend_name(model),
         device=_device_name(model.device),
         curve=curve,
+        reach=reach,
+        reach_seconds=reach_seconds,
     )
     if options.out_dir:
         out = Path(options.out_dir)
@@ -195,7 +225,7 @@ def _train(
         for _ in range(stage.steps):
             ids, labels, _ = task.sample(
                 options.batch_size,
-                stage.num_segments,
+                stage.draw(train_gen),
                 key_copies=stage.key_copies,
                 generator=train_gen,
             )
@@ -218,7 +248,7 @@ def _train(
                 curve["eval_step"].append(step)
                 curve["eval_acc"].append(recall_accuracy(model, p_ids, p_keys))
             bar.update(1)
-            bar.set_postfix(T=stage.num_segments, loss=f"{loss:.3f}", acc=curve["eval_acc"][-1:])
+            bar.set_postfix(T=stage.label[2:], loss=f"{loss:.3f}", acc=curve["eval_acc"][-1:])
     bar.close()
     return curve, train_seconds, final_tokens / max(final_seconds, 1e-9)
 

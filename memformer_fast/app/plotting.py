@@ -40,9 +40,7 @@ def plot_curves(
         for i, (start, stage) in enumerate(zip(curve["stage_start"], stages)):
             if i % 2:
                 ax.axvspan(start, start + stage.steps, color="gray", alpha=0.08, lw=0)
-            label = f"T={stage.num_segments}" + (
-                f"\n×{stage.key_copies}" if stage.key_copies > 1 else ""
-            )
+            label = stage.label + (f"\n×{stage.key_copies}" if stage.key_copies > 1 else "")
             ax.text(
                 start + 2, 0.97, label, transform=ax.get_xaxis_transform(), fontsize=7, va="top"
             )

@@ -91,53 +91,45 @@ class RecallTask:
 
 
 class RecallStream:
-    """Recall episodes longer than a rollout: the memory is carried from one update to the next.
+    """Recall rollouts whose memory is carried over from the row's earlier rollouts.
 
-    Each of ``batch_size`` rows is an endless stream of episodes. An episode starts from the
-    initial memory with the key in its first segment; every rollout of the episode ends with a
-    query for that key, decoded from the memory of the segments before it (the query segment is
-    asked, not kept: the stream carries the memory of the distractors only, so the key is never
-    seen again). At each update a row starts a new episode with probability ``restart``, so the
-    keys the model is asked for are of every age, up to many times the rollout's length, while the
-    gradient still spans one rollout (truncated back-propagation through time, as when a long
-    document is trained on rollout by rollout). Trained on fresh rollouts alone, the readout only
-    ever sees keys as young as the longest rollout, and what the memory holds of a key keeps
-    turning for about a hundred segments after it was written (docs/memory_learning.md).
+    Each rollout is a recall episode (a key in its first segment, a query for it at the end), but
+    a row's memory is not reset between rollouts: it is the memory left by the row's previous
+    rollout (all but its query segment, which is asked, not kept), and with probability
+    ``restart`` per update the initial memory. So the model learns to write a key into a memory
+    that has already run for many segments, and to read it back there, while the gradient still
+    spans one rollout (truncated back-propagation through time, as when a long document is trained
+    on rollout by rollout) and every query is answerable from that rollout. Trained from the
+    initial memory alone, the model only sees memories at most a rollout old, and a memory streamed
+    for 40 to 60 segments drifts into a state it never saw (docs/memory_learning.md).
     """
 
     def __init__(self, task: RecallTask, batch_size: int, restart: float) -> None:
         if not 0 < restart <= 1:
             raise ValueError(f"restart must be in (0, 1], got {restart!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.task, self.batch_size, self.restart = task, batch_size, restart
         self.memory: Tensor | None = None  # [B, S, D], carried; None before the first rollout
-        self.keys = torch.zeros(batch_size, dtype=torch.long)
 
     def sample(
         self, num_segments: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(input_ids [B, T*L], labels [B, T*L], resets [B, T])`` of the next rollout: rows that
-        restart get a key in their first segment and their memory reset before it; the others a
-        distractor segment, and the query asks for their episode's key."""
-        B, L = self.batch_size, self.task.segment_length
-        ids, labels, keys = self.task.sample(B, num_segments, generator=generator)
-        restart = torch.rand(B, generator=generator) < self.restart
+        """``(input_ids [B, T*L], labels [B, T*L], resets [B, T])`` of the next rollout; the rows
+        that restart have ``resets[:, 0]`` set (all of them on the first rollout)."""
+        ids, labels, _ = self.task.sample(self.batch_size, num_segments, generator=generator)
+        resets = torch.zeros(self.batch_size, num_segments, dtype=torch.bool)
+        resets[:, 0] = torch.rand(self.batch_size, generator=generator) < self.restart
         if self.memory is None:
-            restart[:] = True
-        go_on = ~restart
-        ids[go_on, :L] = torch.randint(
-            FIRST_KEY, self.task.vocab_size, (int(go_on.sum()), L), generator=generator
-        )
-        self.keys = torch.where(restart, keys, self.keys)
-        ids[:, -1] = labels[:, -1] = self.keys
-        resets = torch.zeros(B, num_segments, dtype=torch.bool)
-        resets[:, 0] = restart
+            resets[:, 0] = True
         return ids, labels, resets
 
     @torch.no_grad()
     def advance(self, model: Memformer, input_ids: Tensor, resets: Tensor) -> None:
         """Carry the memory over the rollout's segments but its last (the query's)."""
-        memory = self.memory if self.memory is not None else model.init_memory(self.batch_size)
-        memory = torch.where(resets[:, :1, None], model.init_memory(self.batch_size), memory)
+        fresh = model.init_memory(self.batch_size)
+        memory = fresh if self.memory is None else self.memory
+        memory = torch.where(resets[:, :1, None].to(model.device), fresh, memory)
         segments = input_ids.to(model.device).split(self.task.segment_length, dim=1)
         for segment in segments[:-1]:
             _, memory = model.read_segment(segment, memory)
@@ -268,25 +260,40 @@ def recall_by_length(
 
 @dataclass(frozen=True)
 class Stage:
-    """A curriculum stage: ``steps`` updates on rollouts of ``num_segments`` segments."""
+    """A curriculum stage: ``steps`` updates on rollouts of ``shortest`` to ``num_segments``
+    segments, drawn uniformly at every update (``shortest`` defaults to ``num_segments``)."""
 
     num_segments: int
     key_copies: int
     steps: int
+    shortest: int | None = None
+
+    def draw(self, generator: torch.Generator | None = None) -> int:
+        """The number of segments of the next rollout."""
+        low = self.shortest or self.num_segments
+        return int(torch.randint(low, self.num_segments + 1, (1,), generator=generator))
+
+    @property
+    def label(self) -> str:
+        low = self.shortest or self.num_segments
+        return f"T={low}" if low == self.num_segments else f"T={low}-{self.num_segments}"
 
 
 def curriculum(num_segments: int, steps_per_stage: int, key_copies: int = 1) -> list[Stage]:
-    """Rollouts doubled from 2 segments up to ``num_segments``, a single key throughout.
+    """Rollouts of 2 segments, then of 2 up to a bound doubled at each stage until
+    ``num_segments``, a single key throughout.
 
-    ``steps_per_stage`` updates per stage, twice as many on the target length. ``key_copies > 1``
-    adds a first stage of two segments with that many marker-key pairs (an easier start; the
-    defaults learn without it, docs/memory_learning.md).
+    Each update draws its length from the stage's range: trained on even lengths only (2, 4,
+    8, ...) the memory can learn to alternate from one segment to the next and recall only after
+    an even number of segments (docs/memory_learning.md). ``steps_per_stage`` updates per stage,
+    twice as many on the last. ``key_copies > 1`` adds a first stage of two segments with that
+    many marker-key pairs (an easier start; the defaults learn without it).
     """
     n = steps_per_stage
     stages = [Stage(2, key_copies, n)] if key_copies > 1 else []
     t = 2
     while t < num_segments:
-        stages.append(Stage(t, 1, n))
+        stages.append(Stage(t, 1, n, shortest=2))
         t *= 2
-    stages.append(Stage(num_segments, 1, 2 * n))
+    stages.append(Stage(num_segments, 1, 2 * n, shortest=2))
     return stages
