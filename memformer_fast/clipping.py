@@ -21,6 +21,11 @@ import torch
 from torch import Tensor
 
 DEFAULT_FACTOR = 4.0  # the relative limit of SpikeClip, and of `memformer-fast train`
+# A total norm below this (clip_grad_norm_'s own epsilon: it scales by max_norm / (norm + 1e-6))
+# says nothing about the scale of the gradients to come: an all-zero gradient, or a vanishing one,
+# is neither clipped nor averaged in. Averaged in, one all-zero gradient made the running mean 0
+# and the limit 0 for good, and a first norm of 4e-20 took 162 updates to grow out of.
+TINY_NORM = 1e-6
 
 # torch >= 2.6: one foreach norm per device and dtype, the partial norms gathered on the first
 # device (as clip_grad_norm_ does); older torch: one norm per tensor (the same numbers on one
@@ -72,7 +77,7 @@ class SpikeClip:
     @property
     def limit(self) -> float:
         """The norm the next gradient is clipped to."""
-        if self.running_norm is None or math.isinf(self.factor):
+        if self.running_norm is None or self.running_norm < TINY_NORM or math.isinf(self.factor):
             return self.max_norm
         return min(self.max_norm, self.factor * self.running_norm)
 
@@ -81,7 +86,8 @@ class SpikeClip:
         clipping (a 0-d tensor, like ``clip_grad_norm_``).
 
         A non-finite norm leaves the gradients and the running mean unchanged (the caller decides
-        whether to skip the update): one bad batch does not poison the limit.
+        whether to skip the update): one bad batch does not poison the limit. Nor does a norm
+        below :data:`TINY_NORM` (an all-zero gradient): it is not clipped and not averaged in.
         """
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         grads = [p.grad for p in params if p.grad is not None]
@@ -89,7 +95,7 @@ class SpikeClip:
             return torch.zeros(())
         norm = _total_norm(grads)
         value = float(norm)
-        if not math.isfinite(value):
+        if not math.isfinite(value) or value < TINY_NORM:
             return norm
         limit = self.limit
         if value > limit:  # the same scale as clip_grad_norm_'s

@@ -18,12 +18,19 @@ generator of that call at run time; so a compiled MRBP draws the very masks BPTT
 
 Compilation happens once per distinct situation, not per segment nor per call: Dynamo caches the
 graphs (keyed by guards on shapes, grad mode and which optional inputs are given), so the no-grad
-critical path, the replay, a ragged last segment, the first segment's memory (which may not
-require grad) and a segment with resets each compile once, and later calls reuse them.
+critical path, the replay, a ragged last segment and a padded rollout each compile once, and later
+calls reuse them. Inputs that would multiply the situations without changing the work are made
+uniform: every step gets a reset column (all False where no row resets: a ``torch.where`` that
+changes nothing), and every replayed memory requires grad (the first segment's may not). So a
+training loop meets a handful of graphs, whatever mix of padding, resets and carried memories its
+rollouts bring. Beyond :data:`RECOMPILE_LIMIT` graphs per model (batch sizes, lengths, modes), a
+step runs eagerly, with the same result and one warning, instead of failing as ``fullgraph=True``
+makes Dynamo do at its default limit of 8.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,17 +47,26 @@ if TYPE_CHECKING:  # type hints only: the model imports mrbp, which imports this
 # and AOTAutograd, without code generation) where inductor's compile time would dominate.
 BACKEND = "inductor"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Graphs per model and compiled function before a step falls back to eager (Dynamo's own default
+# is 8, which one model's situations can exceed: 4 critical-path variants (no grad; replayed with
+# context, with the writer or without, or without context) x padded or not x ragged or not x
+# train or eval, per batch size).
+RECOMPILE_LIMIT = 64
 
 
 def _encode(
     model: Memformer, ids: Tensor, memory: Tensor, mask: Tensor | None, reset: Tensor | None,
-    with_context: bool,
-) -> tuple[Tensor | None, Tensor]:  # fmt: skip
-    """One segment's critical path: ``(context [B, L, D] or None, M_{t+1} [B, S, D])``."""
+    with_context: bool, with_memory: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """One segment's critical path: ``(context [B, L, D] or None, M_{t+1} [B, S, D] or None)``;
+    without ``with_memory`` (a replayed segment whose next memory gets no gradient) the writer
+    does not run."""
     if reset is not None:
         memory = model.reset_memory(memory, reset)
     if not with_context:  # the critical-path pass: the norm of the context would be unused
         return None, model.writer(memory, model._run_blocks(ids, memory, mask), mask)
+    if not with_memory:
+        return model.norm(model._run_blocks(ids, memory, mask)), None
     return model.read_segment(ids, memory, mask)
 
 
@@ -127,27 +143,73 @@ def rollout_step(
     memory: Tensor,
     seed: int | None = None,
     with_loss: bool = True,
-) -> tuple[Tensor | None, Tensor]:
+    with_memory: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
     """:func:`memformer_fast.rollout.rollout_step` through the compiled graphs: the same
     ``(loss share or None, M_{t+1})``, the same dropout masks (the model's ``rollout_logits`` and
-    ``rollout_step`` methods are not called, so a wrapper of them does not see these steps)."""
+    ``rollout_step`` methods are not called, so a wrapper of them does not see these steps).
+
+    ``with_memory=False`` (a replayed segment with a loss, whose ``M_{t+1}`` gets no gradient):
+    the writer does not run and ``M_{t+1}`` is None. A compiled graph's backward gives a zero
+    gradient, not None, to a parameter it takes but does not reach: the writer's parameters would
+    get zeros where eager MRBP and BPTT leave ``.grad`` None.
+    """
     encode, decode_loss = graphs(mode, model.device.type)
     targets = _dense(rollout.targets[t])
     decode = with_loss and targets is not None
-    reset = _dense(None if rollout.resets is None else rollout.resets[t])
+    ids = _dense(rollout.input_ids[t])
+    assert ids is not None
+    reset = None if rollout.resets is None else rollout.resets[t]
+    if reset is None:  # one graph with and without resets: this where changes nothing
+        reset = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    memory = memory if memory.is_contiguous() else memory.contiguous()
+    if torch.is_grad_enabled() and not memory.requires_grad:
+        # The replay's first memory may not require grad (a caller's memory that does not): a
+        # leaf that does keeps one graph for every segment; nobody asks for its gradient.
+        memory = memory.detach().requires_grad_()
     mask = _dense(rollout.masks[t])
+    writes = with_memory or not decode  # the critical-path pass always writes
     with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), model.device):
-        context, new_memory = encode(
-            model, _dense(rollout.input_ids[t]), _dense(memory), mask, reset, decode
+        context, new_memory = _call(
+            encode, _encode, model, ids, memory, mask, _dense(reset), decode, writes
         )
     if not decode:
         return None, new_memory
     assert context is not None and targets is not None
     with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), model.device):
-        loss_sum = decode_loss(
-            model, rollout.decoder_inputs[t], context, mask, rollout.decoder_masks[t], targets
-        )
+        loss_sum = _call(
+            decode_loss, _decode_loss, model, rollout.decoder_inputs[t], context, mask,
+            rollout.decoder_masks[t], targets,
+        )  # fmt: skip
     return loss_sum / rollout.num_targets, new_memory
+
+
+_WARNED: set[str] = set()
+
+
+def _call(compiled_fn: Callable[..., Any], eager_fn: Callable[..., Any], *args: Any) -> Any:
+    """``compiled_fn(*args)``; past Dynamo's default limit of graphs per model, again with up to
+    :data:`RECOMPILE_LIMIT`, and past that ``eager_fn(*args)`` (the same function, not compiled:
+    the same result; Dynamo raises before running anything, so nothing ran twice)."""
+    try:
+        return compiled_fn(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        pass
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled_fn(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        name = eager_fn.__name__
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(
+                f"mrbp.backward(compile=...): {name} has compiled {RECOMPILE_LIMIT} graphs for "
+                "this model (batch sizes, segment lengths, padding, train/eval); new layouts run "
+                "eagerly (same results, no speed-up)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return eager_fn(*args)
 
 
 def _dense(x: Tensor | None) -> Tensor | None:

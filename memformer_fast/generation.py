@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .layers import KVCache
-from .validation import check_ids, check_memory, check_resets
+from .validation import HostReads, check_ids, check_memory, check_resets
 
 if TYPE_CHECKING:  # type hints only: the model imports this module
     from .model import Memformer
@@ -142,10 +142,12 @@ def stream(
     """Yield ``max_new_tokens`` tokens ``[B]`` one at a time, in constant memory
     (:meth:`memformer_fast.Memformer.stream` documents the arguments)."""
     _check_sampling(max_new_tokens, temperature, top_k)
-    prompt_ids = check_ids(model, "prompt_ids", prompt_ids)
+    reads = HostReads(model.device)  # the id range and the memory's finiteness: one read
+    prompt_ids = check_ids(model, "prompt_ids", prompt_ids, reads=reads)
     reset = check_resets(model, "reset", reset, [prompt_ids.shape[0]], "[B]")
     given = memory is not None
-    memory = check_memory(model, memory, prompt_ids.shape[0])
+    memory = check_memory(model, memory, prompt_ids.shape[0], reads=reads)
+    reads.read()
     if reset is not None and given:
         memory = model.reset_memory(memory, reset)
     bos = prompt_ids.new_full((prompt_ids.shape[0], 1), model.config.bos_token_id)

@@ -157,17 +157,25 @@ def attention_mask_2d(
 _ADDITIVE_MASKS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def _additive_mask(mask: Tensor, dtype: torch.dtype, context: bool = False) -> Tensor:
+def _additive_mask(
+    mask: Tensor,
+    dtype: torch.dtype,
+    context: bool = False,
+    causal: tuple[int, int] | None = None,
+) -> Tensor:
     """The float mask SDPA would make of ``mask`` (0 where True, -inf where False), in ``dtype``.
 
     ``mask``: a bool ``[B | 1, 1, Lq, Lk]`` attention mask, or with ``context`` a ``[B, Lk]`` key
     mask of a cross-attention, where a row with no real key attends to all of them (no row of
-    -inf, no NaN) -> ``[B, 1, 1, Lk]``. Cached per mask tensor, its version (an in-place change
-    rebuilds it) and ``dtype``; built inline under ``torch.compile``. Passing SDPA the float mask
-    is bit-identical to passing the bool one, which it converts the same way.
+    -inf, no NaN) -> ``[B, 1, 1, Lk]``. With ``causal = (Lq, Lk)`` the mask is also causal (query
+    ``i`` sees keys up to ``i + Lk - Lq``): a causal layer stays causal whatever mask it is given
+    (an all-True or ``[B, 1, 1, Lk]`` key mask would otherwise let it see the future). Cached per
+    mask tensor, its version (an in-place change rebuilds it), ``dtype`` and ``causal``; built
+    inline under ``torch.compile``. Passing SDPA the float mask is bit-identical to passing the
+    bool one, which it converts the same way.
     """
     compiling = torch.compiler.is_compiling()
-    key = (dtype, context)
+    key = (dtype, context, causal)
     entries = None if compiling else _ADDITIVE_MASKS.get(mask)
     if entries is not None and key in entries:
         version, additive = entries[key]
@@ -178,6 +186,10 @@ def _additive_mask(mask: Tensor, dtype: torch.dtype, context: bool = False) -> T
     allowed = mask
     if context:
         allowed = mask[:, None, None, :] | ~mask.any(-1)[:, None, None, None]
+    if causal is not None:
+        q_len, k_len = causal
+        past = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+        allowed = allowed & past
     additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~allowed, float("-inf")
     )
@@ -289,7 +301,10 @@ class RotarySelfAttention(nn.Module):
                 n = x.shape[1]
                 mask = torch.ones(n, offset + n, dtype=torch.bool, device=x.device).tril(offset)
                 is_causal = False
-        bias = None if mask is None else _additive_mask(mask, q.dtype)
+        # Causal means causal whatever the mask: a given mask is intersected with the causal one
+        # (SDPA takes either is_causal or a mask, not both).
+        causal = (q.shape[2], k.shape[2]) if is_causal and mask is not None else None
+        bias = None if mask is None else _additive_mask(mask, q.dtype, causal=causal)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, is_causal=is_causal and mask is None
         )

@@ -26,6 +26,7 @@ from .layers import (
 from .rollout import Rollout, shift_right, upcast
 from .validation import (
     IGNORE_INDEX,
+    HostReads,
     check_ids,
     check_labels,
     check_mask,
@@ -228,11 +229,13 @@ class Memformer(nn.Module):
         in that row of a packed batch; the other rows read ``memory`` as usual.
         """
         c = self.config
-        input_ids = check_ids(self, "input_ids", input_ids, c.segment_length)
+        reads = HostReads(self.device)  # the id range and the memory's finiteness: one read
+        input_ids = check_ids(self, "input_ids", input_ids, c.segment_length, reads=reads)
         mask = check_mask("attention_mask", attention_mask, input_ids)
         reset = check_resets(self, "reset", reset, [input_ids.shape[0]], "[B]")
         given = memory is not None
-        memory = check_memory(self, memory, input_ids.shape[0])
+        memory = check_memory(self, memory, input_ids.shape[0], reads=reads)
+        reads.read()
         if reset is not None and given:  # without a memory every row starts from M_0 anyway
             memory = self.reset_memory(memory, reset)
         context, new_memory = self.read_segment(input_ids, memory, mask)

@@ -63,11 +63,14 @@ def _unwrap(model: nn.Module) -> Memformer:
 
 
 def _refuse_post_accumulate_hooks(net: Memformer) -> None:
-    """Refuse parameters with ``register_post_accumulate_grad_hook`` hooks.
+    """Refuse parameters with gradient hooks: ``register_post_accumulate_grad_hook`` hooks and
+    plain ``register_hook`` hooks.
 
     MRBP accumulates each gradient over one backward call per segment, into ``.grad`` tensors it
-    swaps in and out to stay atomic: such a hook (the optimizer-in-backward pattern) would fire
-    once per segment on a partial gradient, and before the finiteness checks.
+    swaps in and out to stay atomic: a post-accumulate hook (the optimizer-in-backward pattern)
+    would fire once per segment on a partial gradient, and before the finiteness checks; a plain
+    hook would see each segment's partial gradient, so a non-linear one (a clamp) gives another
+    gradient than under BPTT, where it sees the whole gradient once.
     """
     for name, p in net.named_parameters():
         if getattr(p, "_post_accumulate_grad_hooks", None):
@@ -76,6 +79,13 @@ def _refuse_post_accumulate_hooks(net: Memformer) -> None:
                 "(register_post_accumulate_grad_hook); MRBP runs one backward call per segment, "
                 "so it would fire once per segment on a partial gradient. Remove the hooks and "
                 "act on .grad after mrbp.backward returns, or train with sequence_loss (BPTT)"
+            )
+        if getattr(p, "_backward_hooks", None):
+            raise RuntimeError(
+                f"mrbp.backward: parameter {name!r} has a gradient hook (register_hook); MRBP "
+                "runs one backward call per segment, so it would see each segment's partial "
+                "gradient (once per segment, not once per rollout as under BPTT). Remove the "
+                "hooks and act on .grad after mrbp.backward returns, or train with sequence_loss"
             )
 
 
@@ -135,7 +145,7 @@ def backward(
         :class:`MRBPResult`.
 
     Raises:
-        RuntimeError: a parameter has a post-accumulate-grad hook (see
+        RuntimeError: a parameter has a gradient hook, plain or post-accumulate (see
             :func:`_refuse_post_accumulate_hooks`); nothing was changed.
         FloatingPointError: a segment's memory or loss is not finite; every ``.grad`` (the
             parameters' and ``memory``'s) is then left exactly as it was before the call. Under
@@ -149,16 +159,19 @@ def backward(
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     mode = compiled.check_mode(compile, net)
     step = net.rollout_step if mode is None else functools.partial(compiled.rollout_step, net, mode)
-    rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
-    num_segments = len(rollout)
-    memory_in = check_memory(net, memory, _batch_size(rollout)) if memory is not None else None
-    seeds, buffer = _seeds_and_buffer(net, rollout, preserve_rng, offload)
-    final_memory, memory_probes = _critical_path(net, step, rollout, buffer, memory_in, seeds)
-    # The replay collects the gradients in tensors of its own, merged into .grad only on success.
-    params = [p for p in net.parameters() if p.requires_grad]
-    losses, grad_memory, grads = _replay(net, step, rollout, buffer, memory_in, params)
-    loss = torch.stack(losses.values)  # segments in reverse order
-    _check_finite(rollout, memory_probes, losses.steps, loss, ddp, net.device)
+    replay_step = _eager_replay_step(net) if mode is None else step  # see _eager_replay_step
+    with _generator_restored_on_error():  # a refused call has drawn no rollout seed
+        rollout = net.plan_rollout(input_ids, attention_mask, labels, resets=resets)
+        # A memory that is not finite is refused by the atomic check below (FloatingPointError).
+        batch_size = _batch_size(rollout)
+        memory_in = None if memory is None else check_memory(net, memory, batch_size, finite=False)
+        seeds, buffer = _seeds_and_buffer(net, rollout, preserve_rng, offload)
+        final_memory, memory_probes = _critical_path(net, step, rollout, buffer, memory_in, seeds)
+        # The replay collects the gradients in tensors of its own, merged into .grad on success.
+        params = [p for p in net.parameters() if p.requires_grad]
+        losses, grad_memory, grads = _replay(net, replay_step, rollout, buffer, memory_in, params)
+        loss = torch.stack(losses.values)  # segments in reverse order
+        _check_finite(rollout, memory_probes, losses.steps, loss, ddp, net.device)
     # Only now, with every check passed, does the gradient leave the call: into .grad, and into
     # the caller's memory (and whatever graph produced it).
     _merge(params, grads)
@@ -167,7 +180,20 @@ def backward(
     if ddp is not None and ddp.require_backward_grad_sync:
         _synchronize(ddp, net, params)
     buffer.clear()
-    return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=num_segments)
+    return MRBPResult(loss=loss.sum(), memory=final_memory, num_segments=len(rollout))
+
+
+@contextlib.contextmanager
+def _generator_restored_on_error() -> Iterator[None]:
+    """Put the global CPU generator back where it was if the body raises: a refused call (bad
+    input, a memory or loss that is not finite, an interruption) leaves no trace, the rollout
+    seed's draw included (and, with ``preserve_rng=False``, the dropout masks' draws)."""
+    state = torch.default_generator.get_state()
+    try:
+        yield
+    except BaseException:
+        torch.default_generator.set_state(state)
+        raise
 
 
 def _seeds_and_buffer(
@@ -186,7 +212,25 @@ def _seeds_and_buffer(
     return seeds, ReplayBuffer(num_segments, shape, c.memory_dtype, net.device, offload)
 
 
-_Step = Callable[..., tuple[Tensor | None, Tensor]]  # Memformer.rollout_step's signature
+# Memformer.rollout_step's signature; M_{t+1} is None only for a compiled replay step without
+# with_memory.
+_Step = Callable[..., tuple[Tensor | None, Tensor | None]]
+
+
+def _eager_replay_step(net: Memformer) -> _Step:
+    """The replay's step in eager mode: ``net.rollout_step`` (a wrapper of that method sees
+    every call), which runs the writer whether or not its output gets a gradient (then autograd
+    reaches none of the writer's parameters anyway). The compiled step takes ``with_memory``
+    and skips the writer then: a graph returns a zero gradient, not None, for a parameter it
+    does not reach, so the writer's parameters would get zeros where eager MRBP and BPTT leave
+    None (and AdamW would decay them)."""
+
+    def step(
+        rollout: Rollout, t: int, memory: Tensor, seed: int | None, with_memory: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        return net.rollout_step(rollout, t, memory, seed)
+
+    return step
 
 
 def _critical_path(
@@ -205,7 +249,9 @@ def _critical_path(
         m = net.init_memory(_batch_size(rollout)) if memory_in is None else memory_in.detach()
         for t in range(len(rollout)):
             buffer.push(m, seeds[t])
-            _, m = step(rollout, t, m, _seed(seeds[t]), with_loss=False)
+            _, written = step(rollout, t, m, _seed(seeds[t]), with_loss=False)
+            assert written is not None
+            m = written
             probes.extend(torch.aminmax(m))
     return m, probes
 
@@ -241,7 +287,9 @@ def _replay(
             continue  # nothing downstream depends on this segment (the last encoder step)
         with torch.enable_grad():
             m_t = _replay_input(net, buffer, t, memory_in, batch_size)
-            loss, m_next = step(rollout, t, m_t, _seed(buffer.rng_seed(t)))
+            loss, m_next = step(
+                rollout, t, m_t, _seed(buffer.rng_seed(t)), with_memory=grad_memory is not None
+            )
         outputs, seeds = [], []
         if loss is not None:
             losses.values.append(loss.detach())
@@ -250,6 +298,7 @@ def _replay(
             outputs.append(loss)
             seeds.append(one)
         if grad_memory is not None:
+            assert m_next is not None
             outputs.append(m_next)
             seeds.append(grad_memory)
         leaf = m_t.is_leaf and m_t.requires_grad

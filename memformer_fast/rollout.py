@@ -233,8 +233,13 @@ def sequence_loss(
 ) -> tuple[Tensor, Tensor]:
     """Full back-propagation through time over a rollout ``[B, T*L]``: ``(loss, M_T)``
     (:meth:`memformer_fast.Memformer.sequence_loss`)."""
+    generator = torch.default_generator.get_state()
     rollout = model.plan_rollout(input_ids, attention_mask, labels, resets=resets)
-    memory = check_memory(model, memory, rollout.input_ids[0].shape[0])
+    try:
+        memory = check_memory(model, memory, rollout.input_ids[0].shape[0])
+    except BaseException:
+        torch.default_generator.set_state(generator)  # refused: no rollout seed was drawn
+        raise
     total: Tensor | None = None
     for t in range(len(rollout)):
         seed = None if rollout.seed is None else randomness.segment_seed(rollout.seed, t)

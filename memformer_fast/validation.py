@@ -120,9 +120,20 @@ def mask_format(name: str, mask: object, like: Tensor) -> Tensor | None:
     return mask.bool()
 
 
-def check_memory(model: Memformer, memory: object, batch_size: int) -> Tensor:
-    """``memory`` is ``[batch_size, S, D]`` in ``memory_dtype`` on the model's device; None gives
-    the initial memory ``model.init_memory(batch_size)``."""
+def check_memory(
+    model: Memformer,
+    memory: object,
+    batch_size: int,
+    reads: HostReads | None = None,
+    finite: bool = True,
+) -> Tensor:
+    """``memory`` is ``[batch_size, S, D]`` in ``memory_dtype`` on the model's device and finite
+    (unless ``finite=False``); None gives the initial memory ``model.init_memory(batch_size)``.
+    With ``reads``, the finiteness check (the one that needs the values) is queued there.
+
+    A NaN or infinity in a memory is refused rather than propagated: every later segment of that
+    row would read it (NaN logits and loss; generation emitted token 0 for ever).
+    """
     if memory is None:
         return model.init_memory(batch_size)
     c = model.config
@@ -137,6 +148,20 @@ def check_memory(model: Memformer, memory: object, batch_size: int) -> Tensor:
         raise ValueError(
             f"memory must be on the model's device {model.device}, got {memory.device}"
         )
+    if finite:
+
+        def check_finite(rows: list[int]) -> None:
+            if not all(rows):
+                raise ValueError(
+                    f"memory must be finite, got NaN or infinity in batch row {rows.index(0)} "
+                    "(from a diverged step? start that row again from init_memory)"
+                )
+
+        rows = torch.isfinite(memory).flatten(1).all(1)
+        if reads is None:
+            check_finite(rows.tolist())
+        else:
+            reads.add(rows, check_finite)
     return memory
 
 
@@ -168,7 +193,7 @@ def check_labels(
     (ignored); returned as int64. With ``reads``, the value check is queued there."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32):
+    if labels.dtype not in _ID_DTYPES:  # the dtypes input_ids takes (uint8 holds no -100)
         raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
     if labels.shape != like.shape:
         raise ValueError(f"labels must have shape {list(like.shape)}, got {list(labels.shape)}")

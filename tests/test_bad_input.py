@@ -4,7 +4,8 @@ Each case in ``CASES`` is one row of the table in ``docs/robustness.md``: the ca
 type and fragments its message must contain (the argument's name, what was expected and what was
 given). Every case runs against a snapshot of all parameters, gradients, the carried memory, the
 replay buffer and the op inputs, which must be bitwise unchanged afterwards. NaN and infinity in
-data are not argument errors: their documented behaviour is tested at the end of the file.
+data are not argument errors (but in a memory given to the model, which is refused): their
+documented behaviour is tested at the end of the file.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def make_env() -> SimpleNamespace:
     e.m, e.c, e.g = torch.randn(B, S, WIDTH), torch.randn(B, S, WIDTH), torch.randn(B, S, WIDTH)
     e.bias = torch.randn(S, WIDTH)
     return e
+
+
+def with_value(memory: torch.Tensor, value: float) -> torch.Tensor:
+    """A copy of ``memory`` holding ``value`` (NaN, an infinity) in one slot of batch row 1."""
+    memory = memory.clone()
+    memory[1, 0, 3] = value
+    return memory
 
 
 def make_buffer_env() -> SimpleNamespace:
@@ -329,6 +337,10 @@ CASES = [
          ("memory must be on the model's device cpu", "meta")),
     Case("forward-memory-not-tensor", lambda e: e.dec(e.seg, memory=e.memory.tolist()), TypeError,
          ("memory must be a torch.Tensor or None", "list")),
+    Case("forward-memory-nan", lambda e: e.dec(e.seg, memory=with_value(e.memory, NAN)),
+         ValueError, ("memory must be finite", "NaN or infinity in batch row 1")),
+    Case("forward-memory-inf", lambda e: e.encdec(e.seg, memory=with_value(e.memory, -INF)),
+         ValueError, ("memory must be finite", "NaN or infinity in batch row 1")),
     Case("forward-labels-out-of-vocab", lambda e: e.dec(e.seg, labels=e.seg + VOCAB), ValueError,
          ("labels must be token ids in [0, 11) or -100", "got")),
     Case("forward-labels-float", lambda e: e.dec(e.seg, labels=e.seg.float()), TypeError,
@@ -353,6 +365,9 @@ CASES = [
          ("no token to predict", "needs two segments")),
     Case("sequence-memory-shape", lambda e: e.dec.sequence_loss(e.ids, memory=e.memory[:1]),
          ValueError, ("memory must have shape [2, 3, 16]", "got [1, 3, 16]")),
+    Case("sequence-memory-nan",
+         lambda e: e.dec.sequence_loss(e.ids, memory=with_value(e.memory, NAN)), ValueError,
+         ("memory must be finite", "NaN or infinity in batch row 1")),
     Case("sequence-empty-batch", lambda e: e.encdec.sequence_loss(e.ids[:0]), ValueError,
          ("input_ids must have shape [B, L] with B, L >= 1", "got [0, 8]")),
     Case("sequence-mask-float", lambda e: e.dec.sequence_loss(e.ids, attention_mask=e.ids * 1.0),
@@ -379,6 +394,9 @@ CASES = [
          ("prompt_ids must have shape [B, L] with B, L >= 1", "got [0, 8]")),
     Case("generate-memory-dtype", lambda e: e.dec.generate(e.seg, 2, memory=e.memory.half()),
          TypeError, ("memory must have dtype memory_dtype=torch.float32", "torch.float16")),
+    Case("generate-memory-inf",
+         lambda e: e.dec.generate(e.seg, 2, memory=with_value(e.memory, INF)), ValueError,
+         ("memory must be finite", "NaN or infinity in batch row 1")),
     # ---- state dicts of another configuration
     Case("state-dict-other-slots",
          lambda e: e.dec.load_state_dict(Memformer(make_config(n_memory_slots=5)).state_dict()),
@@ -493,8 +511,10 @@ def test_docs_table_lists_every_case() -> None:
 
 
 # ------------------------------------------------------------------ NaN and infinity in data
-# Not argument errors: the ops and forward propagate them (no host sync to look), and
-# mrbp.backward, which must not corrupt gradients, raises FloatingPointError naming the segment.
+# Not argument errors: the ops propagate them (no host sync to look), and mrbp.backward, which
+# must not corrupt gradients, raises FloatingPointError naming the segment. A memory given to
+# forward, sequence_loss or generate is checked (read with the ids): a NaN in it would poison
+# every later segment of its row.
 
 
 @pytest.mark.parametrize("bad", [NAN, INF])
@@ -526,19 +546,30 @@ def test_nan_inf_in_op_inputs_propagate_locally(bad: float) -> None:
 
 
 @pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
-def test_nan_memory_in_forward_propagates_to_its_batch_row_only(arch: str) -> None:
+def test_non_finite_memory_is_refused_by_forward_sequence_loss_and_generate(arch: str) -> None:
+    """Issue 24, case 9: NaN or inf in the memory passed to ``forward``, ``sequence_loss`` or
+    ``generate`` was accepted (NaN logits and loss; ``generate`` emitted token 0). Refused with a
+    ValueError naming the row, the caller's memory untouched; a finite memory still works."""
     torch.manual_seed(2)
     model = Memformer(make_config(arch))
-    ids = torch.randint(0, VOCAB, (2, SEG))
-    memory = model.init_memory(2).detach().clone()
-    memory[1, 0, 3] = NAN
-    kept = memory.clone()
-    out = model(ids, memory=memory, labels=ids)
-    assert out.logits is not None and out.loss is not None
-    assert torch.isfinite(out.logits[0]).all() and torch.isfinite(out.memory[0]).all()
-    assert torch.isnan(out.logits[1]).all() and torch.isnan(out.memory[1]).all()
-    assert torch.isnan(out.loss)
-    assert torch.equal(memory.isnan(), kept.isnan()) and torch.equal(memory[0], kept[0])
+    ids = torch.randint(0, VOCAB, (2, 2 * SEG))
+    for bad in (NAN, INF, -INF):
+        memory = with_value(model.init_memory(2).detach(), bad)
+        kept = memory.clone()
+        calls = {
+            "forward": lambda m: model(ids[:, :SEG], memory=m, labels=ids[:, :SEG]),
+            "sequence_loss": lambda m: model.sequence_loss(ids, memory=m),
+            "generate": lambda m: model.generate(ids[:, :3], 2, memory=m),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match="memory must be finite, got NaN or infinity in "
+                               "batch row 1"):  # fmt: skip
+                call(memory)
+            assert torch.equal(memory.isnan(), kept.isnan()), name
+            assert torch.equal(memory.nan_to_num(), kept.nan_to_num()), name
+        memory[1] = kept[0]
+        for call in calls.values():
+            call(memory)  # finite: accepted
 
 
 def _grads_and_params(model: Memformer) -> dict[str, torch.Tensor | None]:
@@ -644,3 +675,25 @@ def test_docs_list_every_robustness_case() -> None:
     names += [case[0] for case in test_cli.BAD_FLAGS] + list(test_train_robustness.HAND_EDITS)
     missing = [name for name in names if f"`{name}" not in text]
     assert not missing, f"missing from {DOCS.name}: {missing}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_labels_take_every_dtype_input_ids_take(dtype: torch.dtype) -> None:
+    """Issue 24, case 16: ``labels`` of dtype uint8 (and int16) were refused where ``input_ids``
+    of those dtypes were accepted. One rule for both: the same losses and gradients as int64;
+    bool is refused for both."""
+    torch.manual_seed(3)
+    model = Memformer(make_config("decoder"))
+    ids = torch.randint(0, VOCAB, (2, 2 * SEG))
+    expected = model.sequence_loss(ids, labels=ids)[0]
+    assert torch.equal(model.sequence_loss(ids.to(dtype), labels=ids.to(dtype))[0], expected)
+    seg = ids[:, :SEG]
+    out = model(seg.to(dtype), labels=seg.to(dtype)).loss
+    assert out is not None and torch.equal(out, model(seg, labels=seg).loss)
+    reference = mrbp.backward(model, ids, labels=ids).loss
+    model.zero_grad(set_to_none=True)
+    assert torch.equal(mrbp.backward(model, ids.to(dtype), labels=ids.to(dtype)).loss, reference)
+    for name, call in (("labels", lambda: model(seg, labels=seg.bool())),
+                       ("input_ids", lambda: model(seg.bool()))):  # fmt: skip
+        with pytest.raises(TypeError, match=f"{name} must hold integer token ids"):
+            call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -354,10 +355,18 @@ BAD_FLAGS = [
     ("demo-threads-negative", ["demo", "--threads", "-1"], ["--threads", "must be >= 1"]),
     ("demo-segments-one", ["demo", "--segments", "1"], ["--segments", "must be >= 2"]),
     ("demo-seed-too-large", ["demo", "--seed", str(2**64)], ["--seed", "2**63"]),
+    # issue 24, case 7: torch.set_num_threads(100000) crashed the process (exit 139)
+    ("train-threads-too-many", ["train", "--threads", "100000"],
+     ["--threads", "(the CPUs of this machine), got 100000"]),
+    ("generate-threads-too-many", ["generate", "--threads", "100000"],
+     ["--threads", "must be at most"]),
+    ("demo-threads-too-many", ["demo", "--threads", "100000"], ["--threads", "must be at most"]),
 ]  # fmt: skip
-# The ones the issue found, also run as real processes (the rest run in-process: same code).
+# The ones the issues found, also run as real processes (the rest run in-process: same code).
 SUBPROCESS_FLAGS = {"train-threads-negative", "train-device-unknown", "train-seed-too-large",
-                    "train-encdec-one-segment", "generate-temperature-inf"}  # fmt: skip
+                    "train-encdec-one-segment", "generate-temperature-inf",
+                    "train-threads-too-many", "generate-threads-too-many",
+                    "demo-threads-too-many"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -443,12 +452,13 @@ def test_generate_takes_threads(
 ) -> None:
     calls: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    threads = min(3, os.cpu_count() or 1)  # at most the machine's CPUs
     code, _, err = run(capsys, "generate", str(checkpoint_dir), "--max-bytes", "2", "--threads",
-                       "3", "--device", "cpu")  # fmt: skip
+                       str(threads), "--device", "cpu")  # fmt: skip
     assert code == 0, err
-    assert calls == [3]
+    assert calls == [threads]
     code, _, _ = run(capsys, "generate", str(checkpoint_dir), "--max-bytes", "2", "--device", "cpu")
-    assert code == 0 and calls == [3, 1]  # default: one thread on the CPU
+    assert code == 0 and calls == [threads, 1]  # default: one thread on the CPU
 
 
 def test_train_compile_flag_reaches_mrbp(

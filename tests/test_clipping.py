@@ -87,6 +87,23 @@ def test_a_non_finite_gradient_changes_nothing() -> None:
     assert clip.state_dict() == before
 
 
+@pytest.mark.parametrize("first", [0.0, 4e-20])
+def test_a_zero_or_vanishing_gradient_does_not_set_the_limit(first: float) -> None:
+    """Issue 24, case 4: after one all-zero gradient the running mean was 0 and every later
+    gradient was clipped to norm 0 for good (limit min(1, 4 * 0)); a first norm of 4e-20 took 162
+    updates to grow out of. Such a norm is neither clipped nor averaged in."""
+    clip = SpikeClip(max_norm=1.0, factor=4.0)
+    assert feed(clip, first) == pytest.approx((first, first), rel=1e-5, abs=0)
+    assert clip.running_norm is None and clip.limit == 1.0
+    _, after = feed(clip, 0.5)
+    assert after == pytest.approx(0.5, rel=1e-5) and clip.running_norm == pytest.approx(0.5)
+    feed(clip, 0.0)  # later too: a zero gradient does not drag the mean down
+    assert clip.running_norm == pytest.approx(0.5)
+    stuck = SpikeClip()
+    stuck.load_state_dict({"running_norm": 0.0})  # a state saved while stuck: no limit of 0
+    assert stuck.limit == 1.0 and feed(stuck, 0.3)[1] == pytest.approx(0.3, rel=1e-5)
+
+
 def test_no_gradients_is_a_zero_norm() -> None:
     clip = SpikeClip()
     assert float(clip([torch.nn.Parameter(torch.zeros(2))])) == 0.0

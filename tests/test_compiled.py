@@ -10,10 +10,11 @@ AOTAutograd, without code generation; about 25 s a test here) and one test runs 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import relative_error, tiny_model
+from testing_utils import CLI_TEXT, TINY_CLI, relative_error, run, tiny_model
 from torch._dynamo.utils import counters
 
 from memformer_fast import Memformer, compiled, mrbp
@@ -76,10 +77,11 @@ def test_compiled_mrbp_equals_bptt_and_compiles_once_per_situation(arch: str, ba
     model = make_model(arch)
     check_equals_bptt(model, T=4, extra=2)  # a ragged last segment
     graphs = counters["stats"]["unique_graphs"]
-    # critical path (no grad), replay of the critical path, decoder and loss, each once more for
-    # the ragged segment (whose encoder-decoder step decodes nothing), whatever T (5 segments
-    # here; the longer rollout below adds none)
-    assert graphs == (6 if arch == "decoder" else 5), graphs
+    # critical path (no grad), replay of the critical path (the last replayed segment's without
+    # the writer: its memory gets no gradient), decoder and loss, for a full and the ragged
+    # segment, whatever T (5 segments here; the longer rollout below adds none). Decoder: the
+    # ragged segment is the last replayed one; encoder-decoder: segment 3, which decodes it.
+    assert graphs == 6, graphs
     check_equals_bptt(model, T=4, extra=2)  # a second call: nothing new to compile
     check_equals_bptt(model, T=6, extra=2)  # a longer rollout: no graph per segment either
     assert counters["stats"]["unique_graphs"] == graphs
@@ -123,10 +125,121 @@ def test_inductor_options_per_device():
 @pytest.mark.parametrize("backend", ["inductor"], indirect=True)
 def test_inductor_compiled_mrbp_equals_bptt(backend: str):
     """Inductor itself (C++ kernels on CPU): equal to BPTT up to its float reordering, with
-    dropout, padding and -100 labels; three graphs for any number of segments."""
+    dropout, padding and -100 labels; four graphs for any number of segments (the critical path,
+    its replay with and without the writer, the decoder and loss)."""
     model = make_model("decoder")
     check_equals_bptt(model, T=3, extra=0)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3, graphs
+    assert graphs == 4, graphs
     check_equals_bptt(model, T=5, extra=0)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+# Issue 24, case 1: a compiled loop accepts every layout eager does (padding appearing, resets,
+# a carried memory, ragged lengths), with a bounded number of graphs and no hard failure.
+LAYOUTS = [  # (extra tokens, a padded row, resets, a carried memory that needs no grad)
+    (0, False, False, False), (0, True, False, False), (0, False, True, False),
+    (0, False, False, True), (0, True, True, True), (2, False, False, False),
+    (2, True, True, True), (3, False, True, False),
+]  # fmt: skip
+
+
+def layout(index: int, extra: int, pad: bool, reset: bool) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(100 + index)
+    ids = torch.randint(0, 29, (2, 3 * SEG + extra), generator=g)
+    mask = None
+    if pad:
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0
+    resets = None
+    if reset:
+        resets = torch.zeros(2, -(-ids.shape[1] // SEG), dtype=torch.bool)
+        resets[0, 1] = True
+    return {"input_ids": ids, "attention_mask": mask, "resets": resets}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_compiled_mrbp_takes_every_layout_eager_takes(backend: str):
+    """Eight layouts in one loop (Dynamo's default limit of graphs per function is 8, which
+    ``fullgraph=True`` turned into a FailOnRecompileLimitHit at the fifth call): every call
+    equals BPTT, and the graphs stay few."""
+    model = make_model("decoder")
+    memory = model.init_memory(2).detach()
+    for i, (extra, pad, reset, carry) in enumerate(LAYOUTS):
+        inputs = layout(i, extra, pad, reset)
+        m = memory if carry else None
+        torch.manual_seed(i)
+        loss, _ = model.sequence_loss(memory=m, **inputs)
+        loss.backward()
+        expected = grads(model)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(i)
+        result = mrbp.backward(model, memory=m, compile=True, **inputs)
+        actual = grads(model)
+        model.zero_grad(set_to_none=True)
+        assert actual.keys() == expected.keys()
+        assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5, i
+        torch.testing.assert_close(result.loss, loss.detach(), rtol=1e-5, atol=0)
+    # critical path, replay, decoder and loss; padded or not; ragged or not (two lengths)
+    assert counters["stats"]["unique_graphs"] <= 3 * 2 * 3, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_train_compile_with_file_boundaries_runs(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """``train --compile --reset-at-file-boundaries`` died with a Dynamo traceback ("recompile
+    limit (8) ... 'memory' requires_grad mismatch") before its first save."""
+    for i in range(5):
+        (tmp_path / f"f{i}.py").write_bytes(CLI_TEXT[: 300 + 170 * i])
+    out = tmp_path / "run"
+    code, stdout, err = run(
+        capsys, "train", str(tmp_path), "--out", str(out), *TINY_CLI, "--threads", "1",
+        "--steps", "6", "--compile", "--reset-at-file-boundaries", "--eval-every", "100",
+        "--val-fraction", "0.2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Traceback" not in err and "done: step 6" in stdout
+    assert (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_compiled_step_past_the_limit_runs_eagerly(backend: str, monkeypatch):
+    """Past ``RECOMPILE_LIMIT`` graphs a step runs eagerly: one warning, the same gradients."""
+    monkeypatch.setattr(compiled, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    model = make_model("decoder")
+    ids = rollout(2, 0)[0]
+    torch.manual_seed(0)
+    mrbp.backward(model, ids)
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        pytest.warns(RuntimeWarning, match="new layouts run eagerly"),
+    ):
+        mrbp.backward(model, ids, compile=True)  # the replay needs a second graph of _encode
+    actual = grads(model)
+    assert all(relative_error(actual[n], expected[n]) < 1e-6 for n in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+@pytest.mark.parametrize(("arch", "T"), [("decoder", 1), ("encoder-decoder", 2)])
+def test_compiled_mrbp_leaves_unreached_grads_none(backend: str, arch: str, T: int):
+    """Issue 24, case 12: the writer's output gets no gradient in these rollouts (its memory is
+    never read again), so eager MRBP and BPTT leave its parameters' ``.grad`` None; a compiled
+    graph gave them zero tensors, which AdamW's weight decay and state treat differently."""
+    model = make_model(arch, dropout=0.0)
+    ids = torch.randint(0, 29, (2, T * SEG), generator=torch.Generator().manual_seed(T))
+    model.sequence_loss(ids)[0].backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    mrbp.backward(model, ids, compile=True)
+    actual = grads(model)
+    assert "writer.q.weight" not in expected
+    assert actual.keys() == expected.keys()
+    assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5

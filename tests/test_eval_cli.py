@@ -9,16 +9,21 @@ subprocess on a checkpoint trained here.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from testing_utils import TINY_CLI, run, tiny_model
 
+from memformer_fast.app import training
 from memformer_fast.app.data import PAD, ByteData, RolloutInputs, align_documents, rollout_inputs
 from memformer_fast.app.evaluation import CARRIED, RESET, evaluate_documents, token_nll
 from memformer_fast.app.training import Trainer, TrainSettings, load_checkpoint, resumed_settings
@@ -238,3 +243,108 @@ def test_eval_errors_are_one_line(
     assert code == 2 and "no such file" in err
     code, _, err = run(capsys, "eval", str(run_dir), str(corpus), "--batch-size", "0")
     assert code == 2 and "--batch-size must be >= 1, got 0" in err
+
+
+# ------------------------------------------------- issue 24: pipes, --json paths and signals
+
+
+@pytest.fixture
+def trained(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", str(corpus), "--out", str(run_dir), *TINY_CLI,
+                       "--steps", "1", "--threads", "1")  # fmt: skip
+    assert code == 0, err
+    return run_dir
+
+
+def one_line(code: int, out: str, err: str, *fragments: str) -> None:
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert "eval:" not in out  # refused before the evaluation, not after it
+
+
+def test_eval_json_path_is_checked_first_and_written_atomically(
+    corpus: Path, tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Issue 24, case 6: ``--json`` naming a folder, a path under a file or a read-only folder
+    failed with a traceback after the whole evaluation; now one line before it. The report is
+    written through a temporary file: a full disk leaves neither a partial report nor the
+    temporary file."""
+    text = str(sorted(corpus.iterdir())[-1])
+    args = ["eval", str(trained), text, "--no-progress", "--threads", "1"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    cases = [(tmp_path, "is a folder: name a file"),
+             (a_file / "report.json", f"{a_file} is a file, not a folder")]  # fmt: skip
+    if not os.access(read_only, os.W_OK):  # (root writes anywhere)
+        cases.append((read_only / "report.json", "cannot be written"))
+    for where, says in cases:
+        one_line(*run(capsys, *args, "--json", str(where)), says)
+    assert a_file.read_text() == "x"
+
+    report = tmp_path / "new" / "sub" / "report.json"
+    code, _, err = run(capsys, *args, "--json", str(report))
+    assert code == 0, err
+    assert json.loads(report.read_text())["files"] == 1
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.json"]
+
+    def full_disk(path: Path, data: memoryview) -> None:
+        path.write_bytes(bytes(data[:10]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(training, "_write_file", full_disk)
+    again = tmp_path / "full" / "report.json"
+    code, _, err = run(capsys, *args, "--json", str(again))
+    assert code == 2 and "could not write --json" in err and "No space left on device" in err
+    assert list(again.parent.iterdir()) == []
+
+
+def test_eval_into_a_closed_pipe_still_writes_its_json(
+    corpus: Path, tmp_path: Path, trained: Path
+) -> None:
+    """Issue 24, case 6: ``eval ... | head -n 1`` ended in a BrokenPipeError traceback and the
+    ``--json`` report was not written."""
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memformer_fast", "eval", str(trained),
+         *map(str, sorted(corpus.iterdir())[-3:]), "--json", str(report), "--no-progress",
+         "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert b"eval:" in proc.stdout.readline()
+    proc.stdout.close()  # what `head -n 1` does once it has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"Traceback" not in err, err
+    assert json.loads(report.read_text())["files"] == 3
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_eval_says_so(tmp_path: Path, trained: Path, sig: str) -> None:
+    """Issue 24, case 15: Ctrl-C during ``eval`` said "interrupted" with status 130, SIGTERM
+    ended it silently; now the same words as ``train``'s, and 128 + the signal."""
+    signum = getattr(signal, sig)
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"".join(FILES) * 40)  # minutes of evaluation for this model
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memformer_fast", "eval", str(trained), str(big), "--no-progress",
+         "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert b"eval:" in proc.stdout.readline()
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    words = b"terminated (SIGTERM)" if sig == "SIGTERM" else b"interrupted"
+    assert b"eval: " + words in err and b"Traceback" not in err, err

@@ -408,6 +408,91 @@ def test_export_cli_writes_a_folder_auto_classes_load(
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def byte_checkpoint(folder: Path) -> Path:
+    """A ``memformer-fast train`` checkpoint of a tiny byte model, in ``folder``."""
+    config = MemformerConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
+        n_memory_slots=4, segment_length=8, architecture="decoder", backend="reference",
+    )  # fmt: skip
+    text = b"def f(x):\n    return x + 1\n" * 40
+    settings = TrainSettings(batch_size=2, segments=2, steps=1, warmup_steps=1)
+    ByteTrainer.create(config, ByteData.from_bytes(text, 16, 0.1), settings).save(
+        folder / "checkpoint.pt"
+    )
+    return folder
+
+
+def test_export_is_all_or_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24, case 8: a full disk or Ctrl-C during ``export`` left a partial folder that
+    blocked the rerun ("exists and is not an empty folder"), and a read-only or full disk gave
+    tracebacks. The folder is written under a hidden name and renamed into place when complete."""
+    import errno
+    import os
+
+    run_dir = byte_checkpoint(tmp_path / "run")
+    out_dir = tmp_path / "exports" / "hf"
+    real = MemformerForCausalLM.save_pretrained
+
+    def full_disk(self, folder, *args, **kwargs):  # half the weights, then ENOSPC
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def interrupted(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    for failure, code, says in ((full_disk, 2, "No space left on device"),
+                                (interrupted, 130, "interrupted")):  # fmt: skip
+        monkeypatch.setattr(MemformerForCausalLM, "save_pretrained", failure)
+        assert main(["export", str(run_dir), str(out_dir)]) == code
+        err = capsys.readouterr().err
+        # (transformers' progress bar of the shards may come first)
+        assert says in err.strip().splitlines()[-1] and "Traceback" not in err, err
+        assert not out_dir.exists() and list(out_dir.parent.iterdir()) == []  # nothing left
+    monkeypatch.setattr(MemformerForCausalLM, "save_pretrained", real)
+    assert main(["export", str(run_dir), str(out_dir)]) == 0  # the rerun is not blocked
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+    assert [p.name for p in out_dir.parent.iterdir()] == ["hf"]
+    capsys.readouterr()
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):  # (root writes anywhere)
+        assert main(["export", str(run_dir), str(read_only / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be written" in err and "Traceback" not in err, err
+
+
+def test_a_corrupted_or_non_finite_export_is_refused(tmp_path: Path) -> None:
+    """Issue 24, case 10: an exported folder with a flipped data byte or a NaN weight loaded
+    silently and generated zeros. ``save_pretrained`` writes the weight files' sha256 beside
+    them and ``from_pretrained`` checks them, and every loaded weight must be finite."""
+    from safetensors.torch import load_file, save_file
+
+    out_dir = tmp_path / "hf"
+    assert main(["export", str(byte_checkpoint(tmp_path / "run")), str(out_dir)]) == 0
+    checksums = out_dir / "memformer_checksums.json"
+    AutoModelForCausalLM.from_pretrained(out_dir)  # intact: loads
+    weights = out_dir / "model.safetensors"
+    intact = weights.read_bytes()
+    flipped = bytearray(intact)
+    flipped[-6] ^= 0x01  # a low mantissa bit of the last weight: still finite
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(RuntimeError, match="does not match its sha256 checksum"):
+        AutoModelForCausalLM.from_pretrained(out_dir)
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    checksums.unlink(missing_ok=True)  # as saved by an older version, or from a diverged run
+    with pytest.raises(RuntimeError, match=r"weight .* is not finite"):
+        AutoModelForCausalLM.from_pretrained(out_dir)
+    with pytest.raises(RuntimeError, match=r"weight .* is not finite"):
+        MemformerForCausalLM.from_pretrained(out_dir, strict=False)
+
+
 def test_byte_tokenizer_is_the_identity_on_bytes() -> None:
     tokenizer = byte_tokenizer()
     text = "".join(map(chr, range(1, 300)))
@@ -470,6 +555,19 @@ def test_mrbp_trainer_step_gradients_are_mrbp_backward_averaged(arch: str, tmp_p
         assert relative_error(p.grad, q.grad / 2) < 1e-6, name
     assert torch.allclose(torch.stack(returned), torch.stack(losses) / 2)
     assert torch.equal(trainer.memory, memory)
+
+
+@pytest.mark.parametrize("carry_memory", [True, False])
+def test_mrbp_trainer_refuses_an_empty_dataset(tmp_path: Path, carry_memory: bool) -> None:
+    """Issue 24, case 13: with ``carry_memory`` an empty dataset "trained" to global_step 0 of
+    max_steps 3 and reported success; without it torch said "num_samples should be a positive
+    integer value". One clear error for both, before anything runs."""
+    _, hf = wrapped("decoder", n_decoder_layers=1)
+    trainer = MRBPTrainer(model=hf, args=training_args(tmp_path, max_steps=3), train_dataset=[],
+                          carry_memory=carry_memory)  # fmt: skip
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rollouts\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_mrbp_trainer_refuses_fp16_and_foreign_batches(tmp_path: Path) -> None:

@@ -330,3 +330,44 @@ def test_attention_masks_are_converted_once_per_mask_and_follow_in_place_changes
             F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(mask, q.dtype)),
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
         )
+
+
+def test_causal_blocks_stay_causal_with_any_bool_mask():
+    """Issue 24, case 2: a causal layer given a bool mask (a ``[B, 1, 1, L]`` key mask, or an
+    all-True ``[B, 1, L, L]``) let position 0 see the future (d out[:, 0] / d h[:, 1:] was 0.19):
+    ``is_causal`` was dropped whenever a mask was given. Now the mask is intersected with the
+    causal one: no gradient from the future, and an all-True mask equals no mask."""
+    from memformer_fast.layers import DecoderBlock, MemoryBlock, RotarySelfAttention
+
+    torch.manual_seed(0)
+    B, L, D = 2, 5, 16
+    block = MemoryBlock(D, 2, 32, 0.0, "reference", causal=True)
+    decoder_block = DecoderBlock(D, 2, 32, 0.0)
+    attn = RotarySelfAttention(D, 2)
+    memory, context = torch.randn(B, 3, D), torch.randn(B, 4, D)
+    layers = {
+        "memory-block": lambda h, m: block(h, memory, m),
+        "decoder-block": lambda h, m: decoder_block(h, context, m, None),
+        "attention": lambda h, m: attn(h, m, is_causal=True),
+    }
+    key_mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    key_mask[1, ..., 3] = False  # a padded key: hidden from every query, as before
+    masks = {
+        "keys-all-true": torch.ones(B, 1, 1, L, dtype=torch.bool),
+        "full-all-true": torch.ones(B, 1, L, L, dtype=torch.bool),
+        "broadcast-all-true": torch.ones(1, 1, 1, L, dtype=torch.bool),
+        "keys-padded": key_mask,
+    }
+    x = torch.randn(B, L, D)
+    for name, layer in layers.items():
+        unmasked = layer(x, None)
+        for mask_name, mask in masks.items():
+            h = x.clone().requires_grad_()
+            out = layer(h, mask)
+            (grad,) = torch.autograd.grad(out[:, 0].sum(), h, retain_graph=True)
+            assert grad[:, 1:].abs().max() == 0, (name, mask_name)
+            if mask_name != "keys-padded":
+                torch.testing.assert_close(out, unmasked, msg=f"{name} {mask_name}")
+            else:  # the padded key still reaches no query of row 1, and the future none
+                (grad,) = torch.autograd.grad(out[1, 4].sum(), h)
+                assert grad[1, 3].abs().max() == 0, name

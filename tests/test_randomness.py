@@ -165,3 +165,55 @@ def test_a_rejected_rollout_leaves_the_global_generator_alone(arch: str) -> None
             run()
         assert torch.equal(torch.rand(4), expected), message
         assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_refusal_leaves_the_global_generator_alone(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24, case 14: only the plan's own errors undid the rollout seed's draw; a call
+    refused later (a memory of another shape, a memory or loss that is not finite, an exception
+    in the middle of the replay) had advanced the global generator. Every refusal restores it."""
+    model, ids = make_model(arch), ids_for()
+    nan_memory = model.init_memory(3).detach().clone()
+    nan_memory[2, 1, 0] = float("nan")
+
+    def nan_loss() -> None:
+        weight = model.lm_head.weight
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight[0, 0] = float("nan")  # the logits of token 0 NaN: every loss NaN
+        try:
+            mrbp.backward(model, ids)
+        finally:
+            with torch.no_grad():
+                weight.copy_(kept)
+
+    def interrupted() -> None:
+        real = model.rollout_step
+
+        def step(rollout, t, memory, seed=None, with_loss=True):  # type: ignore[no-untyped-def]
+            if with_loss and t == 1:
+                raise KeyboardInterrupt
+            return real(rollout, t, memory, seed, with_loss)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "rollout_step", step)
+            mrbp.backward(model, ids)
+
+    cases = [
+        (lambda: mrbp.backward(model, ids, nan_memory[:2]), ValueError, "memory must have shape"),
+        (lambda: mrbp.backward(model, ids, nan_memory), FloatingPointError, "not finite"),
+        (nan_loss, FloatingPointError, "the loss of segment"),
+        (interrupted, KeyboardInterrupt, ""),
+        (lambda: model.sequence_loss(ids, nan_memory), ValueError, "memory must be finite"),
+        (lambda: model.sequence_loss(ids, nan_memory[:1]), ValueError, "memory must have shape"),
+    ]
+    for run, error, message in cases:
+        torch.manual_seed(4)
+        expected = torch.rand(4)
+        torch.manual_seed(4)
+        with pytest.raises(error, match=message):
+            run()
+        assert torch.equal(torch.rand(4), expected), message
+        assert all(p.grad is None for p in model.parameters())

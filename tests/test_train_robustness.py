@@ -145,7 +145,7 @@ def test_read_only_mid_run_says_nothing_was_written(
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY, "--steps", "2")
     one_line_error(code, err, "Read-only file system", "no checkpoint was written")
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # made by the run (for its lock), nothing saved in it: removed
 
 
 def test_save_interrupted_mid_write_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
@@ -201,6 +201,91 @@ def test_signals_save_a_resumable_checkpoint(sig: str, corpus: Path, tmp_path: P
     assert resumed.returncode == 0, resumed.stderr
     history = load_checkpoint(out)["history"]
     assert [h["step"] for h in history] == list(range(1, ckpt["step"] + 2))
+
+
+SLOW_SAVE = """
+import sys, time
+from memformer_fast.app import training
+from memformer_fast.app.cli import main
+real = training.Trainer.save
+def slow_save(self, path):  # a large model's save: seconds of serialising and writing
+    print("saving", file=sys.stderr, flush=True)
+    time.sleep(1.5)
+    return real(self, path)
+training.Trainer.save = slow_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_second_signal_during_the_save_loses_nothing(
+    sig: str, corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 24, case 3: the handlers were restored before the save on the way out, so a second
+    SIGTERM (schedulers re-send it) or Ctrl-C in that window killed the process with nothing
+    saved. Now further signals are ignored until the checkpoint is on disk."""
+    signum = getattr(signal, sig)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, "train", str(corpus), "--out", str(out), *TINY,
+         "--steps", "100000", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(b"step 2:"):
+                break
+        proc.send_signal(signum)
+        assert proc.stderr.readline().strip() == b"saving"
+        for _ in range(3):  # mid-save
+            proc.send_signal(signum)
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err and b"saved step" in err, err
+    assert load_checkpoint(out)["step"] >= 2 and leftovers(out) == []
+
+
+def test_a_second_run_on_the_same_out_is_refused(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 24, case 11: two ``train`` processes on one ``--out`` both ran; the loser died with
+    "the checkpoint of step N is intact", which was the other run's file. The folder is locked
+    (``.lock``, released however the holder ends, removed when it ends normally): the second run
+    fails at once, saying who holds it, and touches nothing."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memformer_fast", "train", str(corpus), "--out", str(out), *TINY,
+         "--steps", "100000", "--save-every", "1", "--eval-every", "1", "--eval-bytes", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(b"step 2:"):
+                break
+        for extra in ([], ["--resume"]):
+            code, stdout, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY,
+                                    "--steps", "3", *extra)  # fmt: skip
+            one_line_error(code, err, f"--out {out} is in use by another train run",
+                           f"pid {proc.pid} on ", "choose another --out")  # fmt: skip
+            assert "step" not in stdout
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert load_checkpoint(out)["step"] >= 2 and leftovers(out) == []  # no .lock left
+    code, _, err = run(capsys, "train", str(corpus), "--out", str(out), "--resume", "--steps",
+                       str(load_checkpoint(out)["step"] + 1), "--no-progress")  # fmt: skip
+    assert code == 0, err  # free again
+    fresh = tmp_path / "new" / "run"
+    code, _, err = run(capsys, "train", str(corpus / "missing"), "--out", str(fresh), *TINY)
+    assert code == 2 and not (tmp_path / "new").exists()  # a failed start leaves no folder
 
 
 # -------------------------------------------------------------------------------- divergence

@@ -31,7 +31,7 @@ from ..presets import preset
 from .data import VOCAB_SIZE, ByteData, load_documents
 from .demo import SIZES
 from .errors import CheckpointWarning, UserError
-from .training import CHECKPOINT_NAME, TrainSettings
+from .training import CHECKPOINT_NAME, Stopped, TrainSettings, _signals_stop
 
 PROG = "memformer-fast"
 
@@ -85,6 +85,20 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+
+def _threads(text: str) -> int:
+    """``--threads``: 1 to the machine's CPU count (torch.set_num_threads(100000) crashes the
+    process: thread creation fails inside the OpenMP runtime)."""
+    value = POSITIVE(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {cpus} (the CPUs of this machine), got {value}"
+        )
+    return value
+
+
 MAX_SEED = 2**63 - 1
 
 
@@ -246,6 +260,18 @@ def _byte_data(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .training import check_output_dir, output_dir_locked
+
+    device = _device(args.device)
+    _set_threads(args.threads)
+    out = Path(args.out)
+    check_output_dir(out)  # before any work: a folder that cannot be written loses the run
+    with output_dir_locked(out):  # one run per folder: a second one fails here, saying who
+        return _train(args, device, out)
+
+
+def _train(args: argparse.Namespace, device: str, out: Path) -> int:
+    """``train`` on ``out``, which this process holds (:func:`cmd_train`)."""
     from .training import (
         Trainer,
         check_output_dir,
@@ -254,13 +280,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         resumed_settings,
     )
 
-    device = _device(args.device)
-    _set_threads(args.threads)
-    out = Path(args.out)
     path = out / CHECKPOINT_NAME
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
     model_fields = _model_overrides(args)
-    check_output_dir(out)  # before any work: a folder that cannot be written loses the run
     documents = load_documents(args.data, args.glob, args.max_bytes)
     corpus, n_files = b"".join(documents), len(documents)
     ckpt = load_checkpoint(path) if args.resume else None
@@ -322,6 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_bytes is not None and args.max_bytes < 1:
         raise UserError(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    json_path = None if args.json is None else _check_json_path(args.json)
     device = _device(args.device)
     _set_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
@@ -334,11 +357,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         documents += load_documents(path, args.glob, left)
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
-    print(
+    _say(
         f"{PROG} eval: {ckpt['path']} (step {ckpt['step']}, {n_params / 1e6:.2f}M parameters, "
         f"{c.architecture}, segments of {c.segment_length} bytes) on {len(documents)} file(s), "
-        f"{sum(map(len, documents)):,} bytes; {device}",
-        flush=True,
+        f"{sum(map(len, documents)):,} bytes; {device}"
     )
     start = time.perf_counter()
     report = evaluate_documents(model, documents, args.batch_size, progress=not args.no_progress)
@@ -351,12 +373,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         **report,
     }
-    print(format_evaluation(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _say(format_evaluation(report))
+    if json_path is not None:
+        _write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode(), "--json")
+        _say(f"wrote {json_path}")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print a line of a report; once the reader is gone (``| head``), stop printing and carry on
+    (the --json report is still written): stdout is pointed at /dev/null, so the flush at exit
+    cannot fail either."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
+def _check_json_path(text: str) -> Path:
+    """``--json``: a file that can be written (its folder may not exist yet), checked before the
+    evaluation, not after it."""
+    from .training import check_output_dir
+
+    path = Path(text)
+    if path.is_dir():
+        raise UserError(f"--json {text} is a folder: name a file")
+    existing = next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--json {text}: {existing} is a file, not a folder")
+    check_output_dir(path.parent, flag="--json")
+    return path
+
+
+def _write_atomically(path: Path, data: bytes, flag: str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder, renamed over it once
+    complete: a full disk or a signal never leaves a partial file."""
+    from .training import _os_reason, _signals_deferred, _write_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with _signals_deferred():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                _write_file(tmp, memoryview(data))
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+    except OSError as error:
+        raise UserError(f"could not write {flag} {path}: {_os_reason(error, flag)}") from None
 
 
 # ------------------------------------------------------------------------------------ generate
@@ -530,7 +597,7 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     demo.add_argument("--backend", choices=BACKENDS, default="auto")
-    demo.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 for --size small)")
+    demo.add_argument("--threads", type=_threads, help="CPU threads (default: 1 for --size small)")
     demo.add_argument("--out", default="runs/demo", help="folder for the plot and report.json")
     demo.add_argument(
         "--no-memory-probe",
@@ -545,7 +612,6 @@ def _add_demo(sub: Any) -> None:
         "streamed at constant memory (default 16,256,4096; an empty string skips it)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-
     demo.set_defaults(func=cmd_demo)
 
 
@@ -623,7 +689,7 @@ def _add_train(sub: Any) -> None:
         "to float rounding)",
     )
     train.add_argument("--device", default="auto")
-    train.add_argument("--threads", type=POSITIVE, help="CPU threads (default: torch's)")
+    train.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -645,7 +711,7 @@ def _add_eval(sub: Any) -> None:
     ev.add_argument("--batch-size", type=int, default=16, help="files evaluated side by side")
     ev.add_argument("--json", help="also write the report as JSON to this file")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--threads", type=POSITIVE, help="CPU threads (default: torch's)")
+    ev.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -665,7 +731,7 @@ def _add_generate(sub: Any) -> None:
     gen.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 = no top-k filtering")
     gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--device", default="auto")
-    gen.add_argument("--threads", type=POSITIVE, help="CPU threads (default: 1 on the CPU)")
+    gen.add_argument("--threads", type=_threads, help="CPU threads (default: 1 on the CPU)")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -705,13 +771,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         warnings.showwarning = show
         try:
-            return int(args.func(args))
+            with _signals_stop():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+                return int(args.func(args))
         except UserError as error:
             print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as stop:
+            signum = stop.signum if isinstance(stop, Stopped) else 2
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                print(f"\n{PROG} {args.command}: {signal_name(signum)}", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":

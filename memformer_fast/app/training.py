@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -417,31 +418,35 @@ class Trainer:
         tokens, seconds = 0, 0.0
         self.stop_signal = None
         try:
-            with _signals_stop():
-                if self.pending_eval is not None:
-                    bpb = self._finish_eval(say)
-                while self.step < s.steps:
-                    start = time.perf_counter()
-                    loss = self.train_step()
-                    seconds += time.perf_counter() - start
-                    tokens += s.batch_size * self.rollout_bytes
-                    if self.step % s.eval_every == 0 or self.step == s.steps:
-                        self.pending_eval = {"step": self.step, "train_loss": loss}
+            with _signals_stop() as stopping:
+                try:
+                    if self.pending_eval is not None:
                         bpb = self._finish_eval(say)
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}",
-                        val_bpb=f"{bpb:.3f}",
-                        bytes_per_s=f"{tokens / seconds:,.0f}",
-                    )
-                    bar.update(1)
-                    if checkpoint and (self.step % s.save_every == 0 or self.step == s.steps):
+                    while self.step < s.steps:
+                        start = time.perf_counter()
+                        loss = self.train_step()
+                        seconds += time.perf_counter() - start
+                        tokens += s.batch_size * self.rollout_bytes
+                        if self.step % s.eval_every == 0 or self.step == s.steps:
+                            self.pending_eval = {"step": self.step, "train_loss": loss}
+                            bpb = self._finish_eval(say)
+                        bar.set_postfix(
+                            loss=f"{loss:.3f}",
+                            val_bpb=f"{bpb:.3f}",
+                            bytes_per_s=f"{tokens / seconds:,.0f}",
+                        )
+                        bar.update(1)
+                        if checkpoint and (self.step % s.save_every == 0 or self.step == s.steps):
+                            self.save(checkpoint)
+                except KeyboardInterrupt as stop:
+                    # Stopping: a second Ctrl-C or SIGTERM (schedulers re-send it, people press
+                    # Ctrl-C twice) is ignored until the checkpoint below is on disk.
+                    stopping.set()
+                    bar.close()
+                    self.stop_signal = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+                    if checkpoint:
                         self.save(checkpoint)
-        except KeyboardInterrupt as stop:
-            bar.close()
-            self.stop_signal = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-            if checkpoint:
-                self.save(checkpoint)
-            return "interrupted"
+                    return "interrupted"
         except FloatingPointError as error:
             bar.close()
             raise UserError(self._diverged(error, checkpoint)) from None
@@ -769,20 +774,31 @@ def _signals_deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_stop() -> Iterator[None]:
+def _signals_stop() -> Iterator[threading.Event]:
     """In the body, SIGTERM and SIGHUP raise :class:`Stopped`, handled like Ctrl-C (main thread
-    only)."""
+    only), and Ctrl-C raises ``KeyboardInterrupt``.
+
+    The body gets an event to set once it is stopping (after the first signal's exception, while
+    it saves): from then on these signals are ignored, so a second one (a scheduler re-sending
+    SIGTERM, a second Ctrl-C) cannot kill the process in the middle of that save. The first
+    signal's exception also sets it.
+    """
+    stopping = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopping
         return
 
     def stop(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return  # already stopping: let the save on the way out finish
+        stopping.set()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Stopped(signum)
 
-    others = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]
-    previous = {sig: signal.signal(sig, stop) for sig in others}
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        yield
+        yield stopping
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -796,20 +812,80 @@ def _write_file(path: Path, data: memoryview) -> None:
         os.fsync(f.fileno())
 
 
-def _os_reason(error: OSError) -> str:
+def _os_reason(error: OSError, flag: str = "--out") -> str:
     """One line for an OSError: its errno's text, and a hint for the usual suspects."""
     reason = error.strerror or _first_line(error)
     if error.errno == errno.ENOSPC:
-        reason += " (free some space, or choose another --out)"
+        reason += f" (free some space, or choose another {flag})"
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        reason += " (choose a writable --out)"
+        reason += f" (choose a writable {flag})"
     return reason
 
 
-def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0) -> Path:
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def output_dir_locked(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``out`` for one ``train`` run: an exclusive ``flock`` on ``out/.lock``, which names
+    its holder. A second run on the same folder fails at once with a :class:`UserError` saying
+    who holds it, instead of training next to the first and mistaking its checkpoints for its
+    own. The kernel releases the lock when the process ends, however it ends; on the way out the
+    lock file is removed, and the folder too when the lock made it and it is still empty.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS: no lock
+        yield Path(out)
+        return
+    out = Path(out)
+    made = [p for p in (out, *out.absolute().parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            _remove_empty(made)
+            raise UserError(
+                f"--out {out} is in use by another train run ({holder}): wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed while this one waited to open it
+            break
+        os.close(fd)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) where they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0, flag: str = "--out") -> Path:
     """Make sure ``out`` is (or can be made) a folder where a checkpoint can be written, with
     about ``needed_bytes`` free: checked when a run starts, not when its first save fails.
-    Creates nothing.
+    Creates nothing. ``flag`` names the option in the messages.
 
     Raises:
         UserError: ``out`` is a file, cannot be created or written, or its disk is too full.
@@ -819,7 +895,7 @@ def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0) -> Path:
     # (a probe leaves nothing behind).
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder: choose a folder")
+        raise UserError(f"{flag} {out}: {existing} is a file, not a folder: choose a folder")
     try:
         if existing == out:
             with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
@@ -828,11 +904,11 @@ def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0) -> Path:
         else:
             os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
     except OSError as error:
-        raise UserError(f"--out {out} cannot be written: {_os_reason(error)}") from None
+        raise UserError(f"{flag} {out} cannot be written: {_os_reason(error, flag)}") from None
     free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise UserError(
-            f"--out {out} has {free / 2**20:.1f} MiB free, a checkpoint needs about "
-            f"{needed_bytes / 2**20:.1f} MiB: free some space or choose another --out"
+            f"{flag} {out} has {free / 2**20:.1f} MiB free, a checkpoint needs about "
+            f"{needed_bytes / 2**20:.1f} MiB: free some space or choose another {flag}"
         )
     return out

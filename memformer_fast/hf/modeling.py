@@ -12,6 +12,10 @@ caches of the segment being written) to continue from.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
@@ -25,6 +29,65 @@ from ..model import IGNORE_INDEX, Memformer
 from ..validation import check_ids, check_labels, check_mask
 from .cache import MemformerCache, advance
 from .configuration import MemformerHFConfig
+
+# What MemformerForCausalLM.save_pretrained writes next to the weights: their files' sha256.
+CHECKSUM_FILE = "memformer_checksums.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Write :data:`CHECKSUM_FILE` into ``folder``: the sha256 of each weight file in it."""
+    files = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    entry = {"algorithm": "sha256", "files": {name: _file_sha256(folder / name) for name in files}}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(entry, indent=2) + "\n")
+
+
+def verify_checksums(folder: Path) -> None:
+    """Compare ``folder``'s weight files with its :data:`CHECKSUM_FILE` (nothing to do without
+    one); a ``RuntimeError`` names the first file that does not match."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+        files = stored["files"]
+        assert stored["algorithm"] == "sha256" and isinstance(files, dict)
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+    except (ValueError, KeyError, TypeError, AssertionError):
+        problem = f"{path} is malformed: restore a copy, or save the model again"
+        raise RuntimeError(problem) from None
+    for name, expected in sorted(files.items()):
+        weights = folder / name
+        if Path(name).name != name or not weights.is_file():
+            raise RuntimeError(f"{folder}: {name}, listed in {CHECKSUM_FILE}, is missing")
+        if _file_sha256(weights) != expected:
+            raise RuntimeError(
+                f"{weights} does not match its sha256 checksum in {CHECKSUM_FILE} (the file "
+                "changed after it was saved): restore a copy, or export the model again"
+            )
+
+
+def _check_finite(loaded: Any, where: object) -> Any:
+    """``loaded`` (a model, or ``(model, info)``) after checking that every weight is finite."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RuntimeError(
+                f"{where}: weight {name} is not finite (NaN or infinity): the checkpoint is "
+                "corrupted or was saved from a diverged run"
+            )
+    return loaded
+
 
 # The output's cache field: ``cache`` from transformers 5.2x, ``past_key_values`` before.
 _OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
@@ -117,6 +180,15 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         nn.Module.to(wrapped, model.device)
         return wrapped
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, plus :data:`CHECKSUM_FILE`: the sha256 of every
+        weight file written, which :meth:`from_pretrained` verifies (a flipped byte in a folder
+        loaded silently before)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", args[0] if args else True):
+            write_checksums(Path(save_directory))
+        return result
+
     @classmethod
     def from_pretrained(cls, *args: Any, strict: bool = True, **kwargs: Any) -> Any:
         """``PreTrainedModel.from_pretrained``, strict by default, as ``Memformer.load_state_dict``.
@@ -125,9 +197,17 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
         unexpected, or of another shape) raises a ``RuntimeError`` listing every one, where
         transformers would warn and initialise them at random. ``strict=False`` (or
         ``ignore_mismatched_sizes=True``) is transformers' behaviour.
+
+        Either way, a local folder's weight files are first checked against the checksums
+        :meth:`save_pretrained` wrote next to them (a folder without them, saved by an older
+        version, is not), and every loaded weight must be finite: a ``RuntimeError`` names the
+        file or the tensor otherwise.
         """
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(where, (str, os.PathLike)) and Path(where).is_dir():
+            verify_checksums(Path(where))
         if not strict or kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(*args, **kwargs)
+            return _check_finite(super().from_pretrained(*args, **kwargs), where)
         with_info = kwargs.pop("output_loading_info", False)
         kwargs.update(ignore_mismatched_sizes=True, output_loading_info=True)
         loaded: Any = super().from_pretrained(*args, **kwargs)
@@ -144,6 +224,7 @@ class MemformerForCausalLM(MemformerPreTrainedModel, GenerationMixin):
                 "the checkpoint does not fit this MemformerForCausalLM (was it saved with another "
                 "config?); pass strict=False to load it anyway:\n  " + "\n  ".join(problems)
             )
+        _check_finite(model, where)
         return (model, info) if with_info else model
 
     # --------------------------------------------------------------- embeddings (transformers API)

@@ -71,6 +71,18 @@ class MRBPTrainer(Trainer):
         """Start the next rollout from ``M_0``."""
         self.memory = None
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; an empty ``train_dataset`` is refused with a ``ValueError`` (with
+        ``carry_memory`` the Trainer reported success at step 0, without it torch said
+        "num_samples should be a positive integer value")."""
+        data = self.train_dataset
+        if data is not None and hasattr(data, "__len__") and len(cast(Any, data)) == 0:
+            raise ValueError(
+                "MRBPTrainer: train_dataset is empty (0 rollouts): nothing to train on; check "
+                "the data, or that stream_rollouts got at least one rollout per stream"
+            )
+        return super().train(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Any:
         if self.carry_memory:  # batches must follow the streams in order
             data = self.train_dataset if train_dataset is None else train_dataset
