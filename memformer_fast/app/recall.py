@@ -90,52 +90,6 @@ class RecallTask:
         return ids, labels, keys
 
 
-class RecallStream:
-    """Recall rollouts whose memory is carried over from the row's earlier rollouts.
-
-    Each rollout is a recall episode (a key in its first segment, a query for it at the end), but
-    a row's memory is not reset between rollouts: it is the memory left by the row's previous
-    rollout (all but its query segment, which is asked, not kept), and with probability
-    ``restart`` per update the initial memory. So the model learns to write a key into a memory
-    that has already run for many segments, and to read it back there, while the gradient still
-    spans one rollout (truncated back-propagation through time, as when a long document is trained
-    on rollout by rollout) and every query is answerable from that rollout. Trained from the
-    initial memory alone, the model only sees memories at most a rollout old, and a memory streamed
-    for 40 to 60 segments drifts into a state it never saw (docs/memory_learning.md).
-    """
-
-    def __init__(self, task: RecallTask, batch_size: int, restart: float) -> None:
-        if not 0 < restart <= 1:
-            raise ValueError(f"restart must be in (0, 1], got {restart!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.task, self.batch_size, self.restart = task, batch_size, restart
-        self.memory: Tensor | None = None  # [B, S, D], carried; None before the first rollout
-
-    def sample(
-        self, num_segments: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(input_ids [B, T*L], labels [B, T*L], resets [B, T])`` of the next rollout; the rows
-        that restart have ``resets[:, 0]`` set (all of them on the first rollout)."""
-        ids, labels, _ = self.task.sample(self.batch_size, num_segments, generator=generator)
-        resets = torch.zeros(self.batch_size, num_segments, dtype=torch.bool)
-        resets[:, 0] = torch.rand(self.batch_size, generator=generator) < self.restart
-        if self.memory is None:
-            resets[:, 0] = True
-        return ids, labels, resets
-
-    @torch.no_grad()
-    def advance(self, model: Memformer, input_ids: Tensor, resets: Tensor) -> None:
-        """Carry the memory over the rollout's segments but its last (the query's)."""
-        fresh = model.init_memory(self.batch_size)
-        memory = fresh if self.memory is None else self.memory
-        memory = torch.where(resets[:, :1, None].to(model.device), fresh, memory)
-        segments = input_ids.to(model.device).split(self.task.segment_length, dim=1)
-        for segment in segments[:-1]:
-            _, memory = model.read_segment(segment, memory)
-        self.memory = memory.detach()
-
-
 def answer_logits(model: Memformer, logits: Tensor) -> Tensor:
     """``[B, V]``: the logits that predict the key from the last segment's ``logits [B, L, V]``.
 
