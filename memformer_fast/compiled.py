@@ -195,15 +195,16 @@ def _call(compiled_fn: Callable[..., Any], eager_fn: Callable[..., Any], *args: 
         return compiled_fn(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         pass
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)  # never lower the user's
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=limit):
             return compiled_fn(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         name = eager_fn.__name__
         if name not in _WARNED:
             _WARNED.add(name)
             warnings.warn(
-                f"mrbp.backward(compile=...): {name} has compiled {RECOMPILE_LIMIT} graphs for "
+                f"mrbp.backward(compile=...): {name} has compiled {limit} graphs for "
                 "this model (batch sizes, segment lengths, padding, train/eval); new layouts run "
                 "eagerly (same results, no speed-up)",
                 RuntimeWarning,
