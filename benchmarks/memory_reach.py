@@ -240,7 +240,7 @@ def report(folder: Path) -> None:
         if runs:
             lines += ["", f"## {name}: {REACH_GROUPS[name]}", "", *_reach_table(runs)]
     everything = [r for runs in groups.values() for r in runs]
-    commands = sorted({r["command"] for r in everything if "command" in r})
+    commands = sorted({r["command"] for r in everything if r.get("command")})
     if commands:
         lines += ["", "Commands:", "", "```", *commands, "```"]
     if everything:

@@ -412,7 +412,7 @@ class MemoryWriter(nn.Module):
         gate: bool = True,
         backend: str = "auto",
         eps: float = 1e-5,
-        bias_init_norm: float = 0.1,
+        bias_init_norm: float = 0.001,
         gate_bias_init: float = 0.0,
     ) -> None:
         super().__init__()

@@ -97,7 +97,7 @@ def test_a_new_model_is_initialised_as_memformer_is() -> None:
     torch.manual_seed(0)
     hf = MemformerForCausalLM(MemformerHFConfig.from_memformer_config(tiny_config("decoder")))
     m = hf.memformer
-    assert torch.allclose(m.writer.bias.norm(dim=-1), torch.full((3,), 0.1))
+    assert torch.allclose(m.writer.bias.norm(dim=-1), torch.full((3,), m.config.bias_init_norm))
     assert m.writer.gate is not None
     assert torch.equal(m.writer.gate.bias, torch.full((16,), m.config.gate_bias_init))
     assert torch.equal(m.norm.weight, torch.ones(16)) and torch.equal(m.norm.bias, torch.zeros(16))

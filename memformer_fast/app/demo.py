@@ -56,7 +56,7 @@ class DemoOptions:
     out_dir: str | None = "runs/demo"
     # Recall far beyond the trained length, streamed at constant memory (recall_by_length).
     reach_lengths: tuple[int, ...] = (16, 256, 4096)
-    reach_sequences: int = 256
+    reach_sequences: int = 128
 
     @property
     def num_segments(self) -> int:
