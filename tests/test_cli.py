@@ -127,7 +127,7 @@ def test_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     """A tiny seeded demo: the memory model recalls, the reset model guesses."""
     code, out, _ = run(
         capsys, "demo", "--segments", "4", "--steps-per-stage", "60", "--batch-size", "32",
-        "--out", str(tmp_path),
+        "--out", str(tmp_path), "--reach", "5,8",
         "--no-progress",
     )  # fmt: skip
     assert code == 0, out
@@ -141,6 +141,9 @@ def test_demo_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
     for label in ("accuracy, with memory", "memory reset", "chance level", "tokens/s", "MRBP"):
         assert label in out
+    # Recall beyond the trained length, streamed: one row per --reach length, in the JSON too.
+    assert "recall after 5 segments" in out and "recall after 8 segments" in out
+    assert set(report["reach"]) == {"5", "8"} and report["reach"]["5"] >= 0.8
 
 
 # ------------------------------------------------------------------------------ train, generate
