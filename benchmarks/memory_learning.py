@@ -262,6 +262,14 @@ def _label(r: dict[str, Any]) -> str:
     return f"{r['arch']} d{r['d_model']} s{r['seed']} {' '.join(_changes(r))}"
 
 
+def load_runs(folder: Path, groups: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """The run records (JSON) in each subfolder of ``folder`` named in ``groups``."""
+    return {
+        name: [json.loads(p.read_text()) for p in sorted((folder / name).glob("*.json"))]
+        for name in groups
+    }
+
+
 def report(folder: Path) -> None:
     """``folder/README.md`` (a table per subfolder of :data:`GROUPS`) and ``folder/curves.png``."""
     import matplotlib
@@ -269,10 +277,7 @@ def report(folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {
-        name: [json.loads(p.read_text()) for p in sorted((folder / name).glob("*.json"))]
-        for name in GROUPS
-    }
+    groups = load_runs(folder, GROUPS)
     lines = [
         "# Single-key recall from the defaults",
         "",

@@ -36,6 +36,7 @@ from memory_learning import (
     _changes,
     add_training_arguments,
     build_model,
+    load_runs,
     resolve_training_defaults,
     run_name,
     train,
@@ -220,10 +221,7 @@ def report(folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {
-        name: [json.loads(p.read_text()) for p in sorted((folder / name).glob("*.json"))]
-        for name in REACH_GROUPS
-    }
+    groups = load_runs(folder, REACH_GROUPS)
     lines = [
         "# Memory reach: single-key recall far beyond the trained length",
         "",
