@@ -6,11 +6,37 @@ The whole matrix (seeds, widths, both architectures, ablations) is in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from memformer_fast import Memformer, MemformerConfig, SpikeClip, mrbp
 from memformer_fast.app.recall import RecallTask, curriculum, recall_accuracy, recall_by_length
+
+TASK = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
+
+
+def train_small_decoder(stages: list[tuple[int, Callable[[torch.Generator], int]]]) -> Memformer:
+    """The decoder at d_model 64 from the defaults, trained with MRBP, AdamW 1e-3 and SpikeClip:
+    ``stages`` are ``(updates, length)``, ``length(generator)`` the segments of each rollout."""
+    torch.manual_seed(0)
+    config = MemformerConfig(
+        vocab_size=TASK.vocab_size, d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2,
+        n_memory_slots=8, segment_length=16, architecture="decoder", backend="reference",
+    )  # fmt: skip
+    model = Memformer(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    clip = SpikeClip()
+    batches = torch.Generator().manual_seed(0)
+    for updates, length in stages:
+        for _ in range(updates):
+            ids, labels, _ = TASK.sample(64, length(batches), generator=batches)
+            opt.zero_grad(set_to_none=True)
+            mrbp.backward(model, ids, labels=labels)
+            clip(model.parameters())
+            opt.step()
+    return model
 
 
 @pytest.mark.slow
@@ -18,28 +44,12 @@ def test_single_key_recall_from_the_defaults() -> None:
     """Decoder, d_model 64, defaults, AdamW 1e-3, SpikeClip (at 1.0 and 4x the recent norms), a
     curriculum over the number of segments only (2, 4, then 8): it recalls at T = 8 and at T = 16
     (never trained on), and guesses with its memory reset."""
-    torch.manual_seed(0)
-    task = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
-    config = MemformerConfig(
-        vocab_size=task.vocab_size, d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2,
-        n_memory_slots=8, segment_length=16, architecture="decoder", backend="reference",
-    )  # fmt: skip
-    model = Memformer(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    clip = SpikeClip()
-    batches = torch.Generator().manual_seed(0)
-    for num_segments, updates in ((2, 100), (4, 100), (8, 60)):
-        for _ in range(updates):
-            ids, labels, _ = task.sample(64, num_segments, generator=batches)
-            opt.zero_grad(set_to_none=True)
-            mrbp.backward(model, ids, labels=labels)
-            clip(model.parameters())
-            opt.step()
-    ids, _, keys = task.sample(256, 8, generator=torch.Generator().manual_seed(1))
+    model = train_small_decoder([(100, lambda _: 2), (100, lambda _: 4), (60, lambda _: 8)])
+    ids, _, keys = TASK.sample(256, 8, generator=torch.Generator().manual_seed(1))
     assert recall_accuracy(model, ids, keys) >= 0.95
-    ids16, _, keys16 = task.sample(256, 16, generator=torch.Generator().manual_seed(2))
+    ids16, _, keys16 = TASK.sample(256, 16, generator=torch.Generator().manual_seed(2))
     assert recall_accuracy(model, ids16, keys16) >= 0.90
-    assert recall_accuracy(model, ids, keys, reset_memory=True) <= task.chance + 0.1
+    assert recall_accuracy(model, ids, keys, reset_memory=True) <= TASK.chance + 0.1
 
 
 @pytest.mark.slow
@@ -50,25 +60,9 @@ def test_recall_carries_eight_times_beyond_the_trained_length() -> None:
     alike. Measured: 100% at 8, 79.3% at 64 and at 65 (chance 12.5%); the old curriculum of even
     lengths alone gave 90.2% at 64 and 38.7% at 65 (a memory that alternates), and the benchmark's
     longer recipe 100% at both (docs/memory_learning.md, items 10-13)."""
-    torch.manual_seed(0)
-    task = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
-    config = MemformerConfig(
-        vocab_size=task.vocab_size, d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2,
-        n_memory_slots=8, segment_length=16, architecture="decoder", backend="reference",
-    )  # fmt: skip
-    model = Memformer(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    clip = SpikeClip()
-    batches = torch.Generator().manual_seed(0)
-    for stage in curriculum(8, 100):
-        for _ in range(stage.steps):
-            ids, labels, _ = task.sample(64, stage.draw(batches), generator=batches)
-            opt.zero_grad(set_to_none=True)
-            mrbp.backward(model, ids, labels=labels)
-            clip(model.parameters())
-            opt.step()
+    model = train_small_decoder([(stage.steps, stage.draw) for stage in curriculum(8, 100)])
     gen = torch.Generator().manual_seed(1)
-    reach = recall_by_length(model, task, (8, 64, 65), 256, generator=gen)
+    reach = recall_by_length(model, TASK, (8, 64, 65), 256, generator=gen)
     assert reach[8] >= 0.95, reach
     assert min(reach[64], reach[65]) >= 0.6, reach  # far above chance (12.5%)
     assert abs(reach[64] - reach[65]) <= 0.1, reach  # no alternation between segments

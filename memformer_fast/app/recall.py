@@ -90,13 +90,22 @@ class RecallTask:
         return ids, labels, keys
 
 
-def answer_logits(model: Memformer, logits: Tensor) -> Tensor:
-    """``[B, V]``: the logits that predict the key from the last segment's ``logits [B, L, V]``.
+def answers(model: Memformer, context: Tensor, query: Tensor, memory: Tensor | None) -> Tensor:
+    """``[B]``: the model's greedy answer to the query segment ``query [B, L]`` (on the CPU).
 
-    The decoder predicts the next token, so the query (second to last) predicts the key; the
-    encoder-decoder's logits at ``i`` predict token ``i`` of the decoded segment: the last one.
+    The decoder reads the query with ``memory``; its logits at the query token (second to last)
+    predict the key. The encoder-decoder decodes the query from the encoding of ``context [B, L]``
+    (the segment before it) read with ``memory``; its logits at the last position (whose decoder
+    input is the query token) predict the key.
     """
-    return logits[:, -1] if model.config.architecture == "encoder-decoder" else logits[:, -2]
+    if model.config.architecture == "encoder-decoder":
+        decoder_input_ids, _ = shift_right(query, None, model.config.bos_token_id)
+        logits = model(context, memory=memory, decoder_input_ids=decoder_input_ids).logits
+        assert logits is not None
+        return logits[:, -1].argmax(-1).cpu()
+    logits = model(query, memory=memory).logits
+    assert logits is not None
+    return logits[:, -2].argmax(-1).cpu()
 
 
 @torch.no_grad()
@@ -119,8 +128,7 @@ def recall_accuracy(
     was_training = model.training
     model.eval()
     L = model.config.segment_length
-    encoder_decoder = model.config.architecture == "encoder-decoder"
-    context_segments = 2 if encoder_decoder else 1
+    context_segments = 2 if model.config.architecture == "encoder-decoder" else 1
     correct = 0
     try:
         for ids, key in zip(input_ids.split(batch_size), keys.split(batch_size)):
@@ -131,13 +139,7 @@ def recall_accuracy(
                 memory = model.init_memory(len(ids))
                 for segment in segments[:-context_segments]:
                     _, memory = model.read_segment(segment, memory)
-            if encoder_decoder:
-                decoder_input_ids, _ = shift_right(segments[-1], None, model.config.bos_token_id)
-                out = model(segments[-2], memory=memory, decoder_input_ids=decoder_input_ids)
-            else:
-                out = model(segments[-1], memory=memory)
-            assert out.logits is not None
-            correct += int((answer_logits(model, out.logits).argmax(-1).cpu() == key).sum())
+            correct += int((answers(model, segments[-2], segments[-1], memory) == key).sum())
     finally:
         model.train(was_training)
     return correct / len(input_ids)
@@ -193,15 +195,8 @@ def recall_by_length(
             if queried:
                 query = draw()
                 query[:, -2], query[:, -1] = QUERY_TOKEN, keys
-                query = query.to(model.device)
-                if lag == 2:
-                    inputs, _ = shift_right(query, None, model.config.bos_token_id)
-                    out = model(segment, memory=memory, decoder_input_ids=inputs)
-                else:
-                    out = model(query, memory=memory)
-                assert out.logits is not None
-                answers = answer_logits(model, out.logits).argmax(-1).cpu()
-                accuracy[t + lag] = float((answers == keys).float().mean())
+                answered = answers(model, segment, query.to(model.device), memory)
+                accuracy[t + lag] = float((answered == keys).float().mean())
             _, next_memory = model.read_segment(segment, memory)
             if on_segment is not None:
                 on_segment(t, memory, next_memory, queried)
