@@ -203,6 +203,40 @@ def test_signals_save_a_resumable_checkpoint(sig: str, corpus: Path, tmp_path: P
     assert [h["step"] for h in history] == list(range(1, ckpt["step"] + 2))
 
 
+DROPPED_SIGNAL = """
+import signal, sys
+from memformer_fast.app import training
+from memformer_fast.app.cli import main
+real = training.Trainer.train_step
+class RaisesInFinalizer:
+    def __del__(self):  # the handler runs here: its exception is printed and dropped
+        signal.raise_signal(signal.SIGTERM)
+def train_step(self):
+    if self.step == 2:
+        RaisesInFinalizer()
+        print("dropped", file=sys.stderr, flush=True)
+    return real(self)
+training.Trainer.train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_dropped_in_a_finalizer_still_stops_training(corpus: Path, tmp_path: Path) -> None:
+    """A signal whose handler runs inside ``__del__`` (or a GC callback) has its exception dropped
+    by Python; the handler ignored every later signal, so training ran on for good (seen once under
+    load as a SIGINT that never stopped the run). It now stops before the next step and saves."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", DROPPED_SIGNAL, "train", str(corpus), "--out", str(out), *TINY,
+         "--steps", "50", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
+        capture_output=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert b"dropped" in done.stderr and b"Exception ignored" in done.stderr, done.stderr
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert b"saved step" in done.stderr, done.stderr
+    assert load_checkpoint(out)["step"] == 3
+
+
 SLOW_SAVE = """
 import sys, time
 from memformer_fast.app import training

@@ -418,11 +418,12 @@ class Trainer:
         tokens, seconds = 0, 0.0
         self.stop_signal = None
         try:
-            with _signals_stop() as stopping:
+            with _signals_stop() as stop_request:
                 try:
                     if self.pending_eval is not None:
                         bpb = self._finish_eval(say)
                     while self.step < s.steps:
+                        stop_request.raise_if_dropped()
                         start = time.perf_counter()
                         loss = self.train_step()
                         seconds += time.perf_counter() - start
@@ -441,7 +442,6 @@ class Trainer:
                 except KeyboardInterrupt as stop:
                     # Stopping: a second Ctrl-C or SIGTERM (schedulers re-send it, people press
                     # Ctrl-C twice) is ignored until the checkpoint below is on disk.
-                    stopping.set()
                     bar.close()
                     self.stop_signal = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
                     if checkpoint:
@@ -773,32 +773,50 @@ def _signals_deferred() -> Iterator[None]:
         signal.raise_signal(caught[0])
 
 
-@contextlib.contextmanager
-def _signals_stop() -> Iterator[threading.Event]:
-    """In the body, SIGTERM and SIGHUP raise :class:`Stopped`, handled like Ctrl-C (main thread
-    only), and Ctrl-C raises ``KeyboardInterrupt``.
+class StopRequest:
+    """What the body of :func:`_signals_stop` sees of the stop signals: the first one received.
 
-    The body gets an event to set once it is stopping (after the first signal's exception, while
-    it saves): from then on these signals are ignored, so a second one (a scheduler re-sending
-    SIGTERM, a second Ctrl-C) cannot kill the process in the middle of that save. The first
-    signal's exception also sets it.
+    Signals after the first are ignored, so a second one (a scheduler re-sending SIGTERM, a second
+    Ctrl-C) cannot kill the process in the middle of the save on the way out.
     """
-    stopping = threading.Event()
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def raise_if_dropped(self) -> None:
+        """Raise the first signal's exception again if it never reached the body.
+
+        A handler that runs inside a finalizer (``__del__``, a weakref or GC callback) has its
+        exception printed as "Exception ignored" and dropped; the signal is then ignored like a
+        second one and the loop would run on. The body calls this between steps.
+        """
+        if self.signum is not None:
+            raise _stop_exception(self.signum)
+
+
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[StopRequest]:
+    """In the body, SIGTERM and SIGHUP raise :class:`Stopped`, handled like Ctrl-C (main thread
+    only), and Ctrl-C raises ``KeyboardInterrupt``; the signals after the first are ignored (see
+    :class:`StopRequest`)."""
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield stopping
+        yield request
         return
 
     def stop(signum: int, _frame: object) -> None:
-        if stopping.is_set():
+        if request.signum is not None:
             return  # already stopping: let the save on the way out finish
-        stopping.set()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Stopped(signum)
+        request.signum = signum
+        raise _stop_exception(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
-        yield stopping
+        yield request
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
