@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import math
 import platform
@@ -32,13 +33,24 @@ import torch
 from torch import Tensor
 
 from memformer_fast import mrbp
-from memformer_fast.app.recall import RecallTask, recall_accuracy
+from memformer_fast.app.recall import AssociativeRecallTask, RecallTask, query_accuracy
 from memformer_fast.clipping import DEFAULT_FACTOR, SpikeClip
 from memformer_fast.config import MemformerConfig
 from memformer_fast.model import Memformer
 
 PROBE_SEQUENCES = 256
 TASK = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
+Task = RecallTask | AssociativeRecallTask
+
+
+def task_from_args(args: argparse.Namespace) -> Task:
+    """Single-key recall (:data:`TASK`), or associative recall of ``--pairs`` key-value pairs."""
+    if not args.pairs:
+        return TASK
+    return AssociativeRecallTask(
+        segment_length=TASK.segment_length, num_pairs=args.pairs, num_queries=args.queries,
+        num_keys=args.keys, num_values=args.values, num_distractors=TASK.num_distractors,
+    )  # fmt: skip
 
 
 def default_lr(d_model: int) -> float:
@@ -57,7 +69,7 @@ def default_lr(d_model: int) -> float:
 SCHEDULES = {"decoder": "100:2,100:4,1000:8", "encoder-decoder": "100:3,100:4,1000:3-8"}
 
 
-def build_config(arch: str, d_model: int, task: RecallTask, overrides: dict[str, Any]):
+def build_config(arch: str, d_model: int, task: Task, overrides: dict[str, Any]):
     """The issue's small model: 2 layers (2 + 2 for the encoder-decoder), 4 heads, 8 slots."""
     layers = (
         dict(n_decoder_layers=2)
@@ -121,7 +133,7 @@ class RecallStream:
 def build_model(args: argparse.Namespace) -> Memformer:
     """The run's model (``--set FIELD=VALUE`` overrides its config), freshly initialised."""
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
-    return Memformer(build_config(args.arch, args.d_model, TASK, overrides))
+    return Memformer(build_config(args.arch, args.d_model, task_from_args(args), overrides))
 
 
 def parse_schedule(text: str) -> list[tuple[int, int, int]]:
@@ -138,7 +150,7 @@ def parse_schedule(text: str) -> list[tuple[int, int, int]]:
 def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
     """Train one model along ``args.schedule``; its record (curve, final accuracies) and itself."""
     torch.set_num_threads(args.threads)
-    task = TASK
+    task = task_from_args(args)
     torch.manual_seed(args.seed)
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -148,7 +160,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
         t: task.sample(PROBE_SEQUENCES, t, generator=torch.Generator().manual_seed(10_000 + t))
         for t in (8, 16)
     }
-    stream = RecallStream(task, args.batch_size, args.carry) if args.carry else None
+    stream = RecallStream(TASK, args.batch_size, args.carry) if args.carry else None
     curve: list[dict[str, float]] = []
     step, start, above = 0, time.perf_counter(), 0
     schedule = parse_schedule(args.schedule)
@@ -176,7 +188,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
             peak_loss, peak_norm = max(peak_loss, float(result.loss)), max(peak_norm, float(norm))
             if step % args.eval_every:
                 continue
-            acc8, acc16 = (recall_accuracy(model, probes[t][0], probes[t][2]) for t in (8, 16))
+            acc8, acc16 = (query_accuracy(model, *probes[t][:2]) for t in (8, 16))
             seconds = time.perf_counter() - start
             curve.append(dict(step=step, segments=num_segments, loss=float(result.loss),
                               peak_loss=peak_loss, peak_grad_norm=peak_norm,
@@ -192,9 +204,9 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
     except KeyboardInterrupt:  # SIGTERM too (see main): the run so far is still a result
         stopped_early = True
     final = {
-        "acc8": recall_accuracy(model, probes[8][0], probes[8][2]),
-        "acc16": recall_accuracy(model, probes[16][0], probes[16][2]),
-        "acc8_reset": recall_accuracy(model, probes[8][0], probes[8][2], reset_memory=True),
+        "acc8": query_accuracy(model, *probes[8][:2]),
+        "acc16": query_accuracy(model, *probes[16][:2]),
+        "acc8_reset": query_accuracy(model, *probes[8][:2], reset_memory=True),
     }
     first = next((c["step"] for c in curve if c["acc8"] >= 0.95), None)
     record = dict(
@@ -204,6 +216,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
         stop_at=args.stop_at,
         first_step_95=first, seconds=time.perf_counter() - start, curve=curve, final=final,
         stopped_early=stopped_early,
+        task={"name": type(task).__name__, **dataclasses.asdict(task)},
         chance=task.chance, machine=f"{platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s)", torch=torch.__version__,
     )  # fmt: skip
@@ -216,7 +229,8 @@ def run_name(args: argparse.Namespace) -> str:
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
     spike = "" if args.spike_factor == DEFAULT_FACTOR else f"_spike{args.spike_factor:g}"
     carry = f"_carry{args.carry:g}" if args.carry else ""
-    return f"{args.arch}_d{args.d_model}_s{args.seed}{extra}{lr}{clip}{spike}{carry}"
+    pairs = f"_pairs{args.pairs}q{args.queries}k{args.keys}v{args.values}" if args.pairs else ""
+    return f"{args.arch}_d{args.d_model}_s{args.seed}{pairs}{extra}{lr}{clip}{spike}{carry}"
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
@@ -343,6 +357,14 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], help="MemformerConfig FIELD=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--pairs", type=int, default=0,
+        help="associative recall of this many key-value pairs (AssociativeRecallTask); "
+        "0: single-key recall",
+    )  # fmt: skip
+    p.add_argument("--queries", type=int, default=1, help="keys asked per sequence (--pairs)")
+    p.add_argument("--keys", type=int, default=8, help="key tokens (--pairs)")
+    p.add_argument("--values", type=int, default=8, help="value tokens (--pairs)")
+    p.add_argument(
         "--carry", type=float, default=0.0,
         help="on the last stage, carry the memory across updates: each row starts a new episode "
         "with this probability per update (RecallStream); 0: fresh rollouts only",
@@ -351,6 +373,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_training_defaults(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on other options (schedule, learning rate)."""
+    if args.carry and args.pairs:
+        raise SystemExit("--carry streams single-key recall only; drop it or --pairs")
     args.schedule = args.schedule or SCHEDULES[args.arch]
     args.lr = args.lr or default_lr(args.d_model)
 

@@ -6,12 +6,17 @@ with a query token whose answer is the key. Only the answer is scored. Seen from
 alone the key is unknowable, so a model whose memory is reset at every segment can only guess
 (``1 / num_keys``); a model that remembers recalls it. A model learns it along a
 :func:`curriculum` of growing rollouts.
+
+:class:`AssociativeRecallTask` asks more of the memory: many key-value pairs written at the start,
+several of their keys queried segments later (multi-query associative recall, MQAR, as Zoology
+compares sequence models with, here across segments).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,48 +95,136 @@ class RecallTask:
         return ids, labels, keys
 
 
-def answers(model: Memformer, context: Tensor, query: Tensor, memory: Tensor | None) -> Tensor:
-    """``[B]``: the model's greedy answer to the query segment ``query [B, L]`` (on the CPU).
+@dataclass(frozen=True)
+class AssociativeRecallTask:
+    """Multi-query associative recall across segments: ``[BOS, QUERY, MARKER, keys, values,
+    distractors]``.
 
-    The decoder reads the query with ``memory``; its logits at the query token (second to last)
-    predict the key. The encoder-decoder decodes the query from the encoding of ``context [B, L]``
-    (the segment before it) read with ``memory``; its logits at the last position (whose decoder
-    input is the query token) predict the key.
+    The first segments hold ``num_pairs`` key-value pairs, ``k1 v1 k2 v2 ...`` from their first
+    position on (distinct keys, values drawn with repetition), the rest of those segments and every
+    segment up to the last hold distractors, and the last segment ends with ``num_queries`` of the
+    keys, each followed by its value: the key predicts the value, and only the values are scored.
+    Keys, values and distractors are disjoint token ranges, so a pair is known by its tokens alone.
+    """
+
+    segment_length: int = 16
+    num_pairs: int = 3
+    num_queries: int = 1
+    num_keys: int = 8
+    num_values: int = 8
+    num_distractors: int = 15
+
+    def __post_init__(self) -> None:
+        L = self.segment_length
+        if L < 2:
+            raise ValueError(f"segment_length must be >= 2, got {L}")
+        if not 1 <= self.num_pairs <= self.num_keys:
+            raise ValueError(
+                f"num_pairs must be in [1, num_keys={self.num_keys}] (keys are distinct), "
+                f"got {self.num_pairs}"
+            )
+        if not 1 <= self.num_queries <= min(self.num_pairs, L // 2):
+            raise ValueError(
+                f"num_queries must be in [1, {min(self.num_pairs, L // 2)}] (at most num_pairs, "
+                f"and they fit in one segment of {L}), got {self.num_queries}"
+            )
+        if self.num_values < 2 or self.num_distractors < 1:
+            raise ValueError("associative recall needs num_values >= 2 and num_distractors >= 1")
+
+    @property
+    def first_value(self) -> int:
+        return FIRST_KEY + self.num_keys
+
+    @property
+    def first_distractor(self) -> int:
+        return self.first_value + self.num_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_distractor + self.num_distractors
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of a guess: what a model without memory can reach."""
+        return 1.0 / self.num_values
+
+    @property
+    def pair_segments(self) -> int:
+        """The number of segments the pairs take (two tokens a pair)."""
+        return -(-2 * self.num_pairs // self.segment_length)
+
+    def sample(
+        self, batch_size: int, num_segments: int, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids [B, T*L], labels [B, T*L], values [B, Q])`` on the CPU: ``labels`` hold
+        the queried values at their positions in the last segment, -100 elsewhere."""
+        L, P, Q = self.segment_length, self.num_pairs, self.num_queries
+        if num_segments < self.pair_segments + 1:
+            raise ValueError(
+                f"num_segments must be >= {self.pair_segments + 1} (the pairs take "
+                f"{self.pair_segments}, the queries one more), got {num_segments}"
+            )
+        ids = torch.randint(self.first_distractor, self.vocab_size, (batch_size, num_segments * L),
+                            generator=generator)  # fmt: skip
+        keys = FIRST_KEY + torch.rand(batch_size, self.num_keys, generator=generator).argsort(1)
+        keys = keys[:, :P]
+        values = torch.randint(self.first_value, self.first_distractor, (batch_size, P),
+                               generator=generator)  # fmt: skip
+        ids[:, 0 : 2 * P : 2], ids[:, 1 : 2 * P : 2] = keys, values
+        asked = torch.rand(batch_size, P, generator=generator).argsort(1)[:, :Q]
+        start = num_segments * L - 2 * Q
+        ids[:, start::2] = keys.gather(1, asked)
+        ids[:, start + 1 :: 2] = values.gather(1, asked)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, start + 1 :: 2] = ids[:, start + 1 :: 2]
+        return ids, labels, values.gather(1, asked)
+
+
+def predictions(model: Memformer, context: Tensor, query: Tensor, memory: Tensor | None) -> Tensor:
+    """``[B, L]``: the model's greedy prediction of each token of the query segment
+    ``query [B, L]`` (on the CPU).
+
+    The decoder reads the query with ``memory``: its logits at position ``p - 1`` predict token
+    ``p`` (position 0, which no token of the segment predicts, is -1). The encoder-decoder decodes
+    the query from the encoding of ``context [B, L]`` (the segment before it) read with
+    ``memory``: its logits at ``p`` (whose decoder input is token ``p - 1``) predict token ``p``.
     """
     if model.config.architecture == "encoder-decoder":
         decoder_input_ids, _ = shift_right(query, None, model.config.bos_token_id)
         logits = model(context, memory=memory, decoder_input_ids=decoder_input_ids).logits
         assert logits is not None
-        return logits[:, -1].argmax(-1).cpu()
+        return logits.argmax(-1).cpu()
     logits = model(query, memory=memory).logits
     assert logits is not None
-    return logits[:, -2].argmax(-1).cpu()
+    unpredicted = torch.full((len(query), 1), -1, dtype=torch.long)
+    return torch.cat([unpredicted, logits[:, :-1].argmax(-1).cpu()], dim=1)
 
 
 @torch.no_grad()
-def recall_accuracy(
+def query_accuracy(
     model: Memformer,
     input_ids: Tensor,
-    keys: Tensor,
+    labels: Tensor,
     *,
     reset_memory: bool = False,
     batch_size: int = 256,
 ) -> float:
-    """Fraction of sequences whose query the model answers with the key (greedy).
+    """Fraction of the labelled tokens of the last segment that the model predicts (greedy).
 
-    The decoder reads the last segment with the memory of the ones before; the encoder-decoder
-    decodes the last segment from the encoding of the one before it (which read the memory of the
-    earlier ones). ``reset_memory=True`` gives that last step the initial memory: it then sees no
-    trace of the first segment (for rollouts of three segments or more), so only its own forward
-    pass is needed.
+    ``input_ids``, ``labels``: ``[N, T*L]``, labels -100 where nothing is asked. The decoder reads
+    the last segment with the memory of the ones before; the encoder-decoder decodes the last
+    segment from the encoding of the one before it (which read the memory of the earlier ones).
+    ``reset_memory=True`` gives that last step the initial memory: it then sees no trace of the
+    first segment (for rollouts of three segments or more), so only its own forward pass is
+    needed.
     """
     was_training = model.training
     model.eval()
     L = model.config.segment_length
     context_segments = 2 if model.config.architecture == "encoder-decoder" else 1
-    correct = 0
+    correct = asked = 0
     try:
-        for ids, key in zip(input_ids.split(batch_size), keys.split(batch_size)):
+        for ids, target in zip(input_ids.split(batch_size), labels[:, -L:].split(batch_size)):
             ids = ids.to(model.device)
             segments = ids.split(L, dim=1)
             memory = None
@@ -139,10 +232,21 @@ def recall_accuracy(
                 memory = model.init_memory(len(ids))
                 for segment in segments[:-context_segments]:
                     _, memory = model.read_segment(segment, memory)
-            correct += int((answers(model, segments[-2], segments[-1], memory) == key).sum())
+            scored = target != IGNORE_INDEX
+            predicted = predictions(model, segments[-2], segments[-1], memory)
+            correct += int((predicted == target)[scored].sum())
+            asked += int(scored.sum())
     finally:
         model.train(was_training)
-    return correct / len(input_ids)
+    return correct / asked
+
+
+def recall_accuracy(model: Memformer, input_ids: Tensor, keys: Tensor, **kwargs: Any) -> float:
+    """Fraction of the sequences ``input_ids [N, T*L]`` of :class:`RecallTask` whose query the
+    model answers with its key (``keys [N]``); the options of :func:`query_accuracy`."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, -1] = keys
+    return query_accuracy(model, input_ids, labels, **kwargs)
 
 
 @torch.no_grad()
@@ -195,7 +299,7 @@ def recall_by_length(
             if queried:
                 query = draw()
                 query[:, -2], query[:, -1] = QUERY_TOKEN, keys
-                answered = answers(model, segment, query.to(model.device), memory)
+                answered = predictions(model, segment, query.to(model.device), memory)[:, -1]
                 accuracy[t + lag] = float((answered == keys).float().mean())
             _, next_memory = model.read_segment(segment, memory)
             if on_segment is not None:
