@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import relative_error, tiny_model
+from testing_utils import LiveSavedBytes, relative_error, tiny_model
 
 from memformer_fast import Memformer, mrbp
 
@@ -156,40 +156,14 @@ def test_segments_without_targets_skip_the_decoder():
     assert len(calls) == 3  # steps 0, 2, 3 decode; step 1 is skipped, step 4 has no next segment
 
 
-class _LiveSavedBytes:
-    """Peak bytes held by autograd for backward: every saved tensor counted while it is alive."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        meter = self
-
-        class Held:
-            def __init__(self, t: torch.Tensor) -> None:
-                self.t, self.n = t, t.numel() * t.element_size()
-                meter.live += self.n
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self) -> None:
-                meter.live -= self.n
-
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
 def test_activation_memory_is_flat_in_rollout_length():
     model = make_model("encoder-decoder", dropout=0.0)
     peaks = {}
     for T in (4, 12):
         ids = torch.randint(0, 31, (2, 6 * T))
-        with _LiveSavedBytes() as m:
+        with LiveSavedBytes() as m:
             mrbp.backward(model, ids)
-        with _LiveSavedBytes() as b:
+        with LiveSavedBytes() as b:
             model.sequence_loss(ids)[0].backward()
         peaks[T] = (m.peak, b.peak)
     assert peaks[12][0] == peaks[4][0], peaks  # MRBP: one segment's activations, whatever T

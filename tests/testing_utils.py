@@ -62,3 +62,29 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` in float64 (docs/design.md, "Guarantees")."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+class LiveSavedBytes:
+    """Peak bytes held by autograd for backward: every saved tensor counted while it is alive."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def __enter__(self) -> LiveSavedBytes:
+        meter = self
+
+        class Held:
+            def __init__(self, t: torch.Tensor) -> None:
+                self.t, self.n = t, t.numel() * t.element_size()
+                meter.live += self.n
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self) -> None:
+                meter.live -= self.n
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
