@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
+import memformer_fast  # noqa: E402
 from memformer_fast import Memformer, MemformerConfig, mrbp  # noqa: E402
 from memformer_fast.app.cli import main  # noqa: E402
 from memformer_fast.app.data import VOCAB_SIZE, ByteData  # noqa: E402
@@ -406,6 +410,56 @@ def test_export_cli_writes_a_folder_auto_classes_load(
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# What a Hugging Face user runs in a fresh process: nothing of this package is imported by hand.
+_REMOTE_CODE_USER = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, prompt = sys.argv[1], sys.argv[2]
+assert "memformer_fast" not in sys.modules
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=10, do_sample=False)
+print(json.dumps({"class": type(model).__name__, "tokens": out[0, ids.shape[1]:].tolist()}))
+"""
+
+
+def test_export_loads_with_trust_remote_code_in_a_fresh_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The export carries ``auto_map`` and a module that imports the installed package, so
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it in a process
+    that never imported ``memformer_fast``, and generates the checkpoint's own tokens."""
+    out_dir = tmp_path / "hf"
+    assert main(["export", str(byte_checkpoint(tmp_path / "run")), str(out_dir)]) == 0
+    capsys.readouterr()
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_memformer.MemformerHFConfig",
+        "AutoModelForCausalLM": "modeling_memformer.MemformerForCausalLM",
+    }
+    assert "from memformer_fast.hf import" in (out_dir / "modeling_memformer.py").read_text()
+    # The package this test imports, importable there as it is here (installed or from a checkout);
+    # transformers' module cache in tmp_path, nothing fetched.
+    package_root = str(Path(memformer_fast.__file__).resolve().parent.parent)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    prompt = "def f("
+    proc = subprocess.run(
+        [sys.executable, "-c", _REMOTE_CODE_USER, str(out_dir), prompt],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in proc.stderr + proc.stdout
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from memformer_fast.app.training import load_model
+
+    prompt_ids = torch.tensor([list(prompt.encode())])
+    expected = load_model(tmp_path / "run").eval().generate(prompt_ids, 10)
+    assert got == {"class": "MemformerForCausalLM", "tokens": expected[0].tolist()}
 
 
 def byte_checkpoint(folder: Path) -> Path:

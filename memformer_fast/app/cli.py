@@ -538,7 +538,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir)
-    print(f"wrote {out}: AutoModelForCausalLM and AutoTokenizer load it (import memformer_fast.hf)")
+    print(
+        f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) "
+        "loads it (so does AutoTokenizer); with memformer_fast installed, nothing to import"
+    )
     return 0
 
 
@@ -740,8 +743,10 @@ def _add_export_and_info(sub: Any) -> None:
     export = sub.add_parser(
         "export",
         help="convert a train checkpoint to a Hugging Face model folder (needs [hf])",
-        description="Write a checkpoint as config.json, model.safetensors and the byte-level "
-        "tokenizer, loadable with transformers' AutoModelForCausalLM and AutoTokenizer.",
+        description="Write a checkpoint as config.json, model.safetensors, the byte-level "
+        "tokenizer and modeling_memformer.py (which imports the installed memformer_fast): "
+        "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and "
+        "AutoTokenizer.from_pretrained(DIR, trust_remote_code=True) load it in any process.",
     )
     export.add_argument("checkpoint", help="a checkpoint file, or the --out folder of `train`")
     export.add_argument("out_dir", metavar="DIR", help="output folder (new or empty)")

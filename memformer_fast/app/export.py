@@ -15,10 +15,12 @@ from .training import _first_line, _os_reason, _signals_deferred, check_output_d
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a ``memformer-fast train`` checkpoint as a Hugging Face model folder.
 
-    ``out_dir`` receives ``config.json``, ``model.safetensors`` (tied weights stored once) with
-    its checksum, ``generation_config.json`` and the byte tokenizer (``tokenizer.json``,
+    ``out_dir`` receives ``config.json`` (with an ``auto_map``), ``modeling_memformer.py`` (a
+    module that imports the installed package), ``model.safetensors`` (tied weights stored once)
+    with its checksum, ``generation_config.json`` and the byte tokenizer (``tokenizer.json``,
     ``tokenizer_config.json``): ``AutoModelForCausalLM`` and ``AutoTokenizer`` load it, offline,
-    once ``memformer_fast.hf`` is imported.
+    with ``trust_remote_code=True`` in any process, or without once ``memformer_fast.hf`` is
+    imported.
 
     The folder is written under a hidden temporary name beside it and renamed into place once
     complete: a full disk, a read-only disk or Ctrl-C leaves nothing behind (no partial folder

@@ -3,11 +3,19 @@
 The field list, the defaults and the validation all come from :class:`MemformerConfig` itself
 (``dataclasses.fields``), so a field added there appears here without another edit. ``torch.dtype``
 fields are kept as their names (``"float32"``) so that ``config.json`` stays plain JSON.
+
+A saved folder follows ``transformers``' convention for models it does not ship: ``config.json``
+holds an ``auto_map`` naming :data:`REMOTE_CODE_FILE`, written beside it, a few lines that import
+the installed ``memformer_fast``. So ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` loads it in a process that never imported this package (plain
+``from_pretrained`` works after ``import memformer_fast.hf``, which registers the model type).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
@@ -19,6 +27,26 @@ MODEL_TYPE = "memformer"
 # ``MemformerHFConfig()`` (the byte vocabulary of ``memformer-fast train``).
 DEFAULT_VOCAB_SIZE = 256
 FIELDS = {f.name: f for f in dataclasses.fields(MemformerConfig)}
+
+# The module a saved folder carries for trust_remote_code: transformers copies it into its module
+# cache and imports it, which imports the installed package (so the code that runs is the
+# package's, never a copy that could drift from it).
+REMOTE_CODE_FILE = "modeling_memformer.py"
+REMOTE_CODE = '''"""Loads this Memformer folder with the installed memformer_fast package.
+
+transformers imports this file for AutoConfig / AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True) (the folder's config.json names it in auto_map). It needs
+memformer_fast with its Hugging Face extra: pip install "memformer_fast[hf]".
+"""
+
+from memformer_fast.hf import MemformerForCausalLM, MemformerHFConfig
+
+__all__ = ["MemformerForCausalLM", "MemformerHFConfig"]
+'''
+AUTO_MAP = {
+    "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.MemformerHFConfig",
+    "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.MemformerForCausalLM",
+}
 
 
 class MemformerHFConfig(PretrainedConfig):
@@ -72,6 +100,18 @@ class MemformerHFConfig(PretrainedConfig):
         for name, value in values.items():
             setattr(self, name, dtype_name(value) if name in DTYPE_FIELDS else value)
         super().__init__(**kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any
+    ) -> None:
+        """``PretrainedConfig.save_pretrained``, plus :data:`REMOTE_CODE_FILE` and the
+        ``auto_map`` naming it (``PreTrainedModel.save_pretrained`` calls this too), so that the
+        folder loads with ``trust_remote_code=True`` and nothing imported beforehand. The module
+        is written first: with ``push_to_hub`` it is uploaded with the config."""
+        os.makedirs(save_directory, exist_ok=True)
+        (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub, **kwargs)
 
     def to_memformer_config(self) -> MemformerConfig:
         """The :class:`MemformerConfig` these attributes describe (validated again: attributes can
