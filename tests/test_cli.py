@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from testing_utils import CLI_TEXT, TINY_CLI, run
 
 from memformer_fast import Memformer, MemformerConfig, mrbp
-from memformer_fast.app.cli import main
+from memformer_fast.app.cli import build_parser, main
 from memformer_fast.app.data import VOCAB_SIZE, ByteData
 from memformer_fast.app.recall import (
     FIRST_KEY,
@@ -305,6 +306,40 @@ def test_errors_are_one_line(
     truncated.write_bytes(before[: len(before) // 2])
     code, _, err = run(capsys, "generate", str(truncated))
     _assert_clean_error(code, err, "corrupt or truncated")
+
+
+def _shown(default: object) -> str:
+    """A default as the help writes it (a tuple of lengths as ``16,256,4096``, a newline as
+    ``'\\n'``)."""
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return repr(default) if isinstance(default, str) and not default.isprintable() else str(default)
+
+
+def test_help_describes_every_command_and_flag_with_its_default() -> None:
+    """Every command has a description; every action of every parser has help text; a flag that
+    takes a value names its default (the value itself when argparse holds it; ``train``'s
+    run settings quote ``TrainSettings``, since a resumed run takes the checkpoint's)."""
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"demo", "train", "eval", "generate", "export", "info"}
+    settings = TrainSettings()
+    for name, command in [("memformer-fast", parser), *commands.choices.items()]:
+        assert command.description, f"{name} has no description"
+        assert command.format_help().startswith("usage:")  # renders (a stray % would raise)
+        for action in command._actions:
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{where}: no help"
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            if action.nargs == 0:  # a switch (store_true, --version): off unless given
+                continue
+            if action.default is not None:
+                assert f"default {_shown(action.default)}" in action.help, where
+            elif name == "train" and action.dest in vars(settings):
+                assert f"default {getattr(settings, action.dest)}" in action.help, where
+            else:
+                assert "default" in action.help, where
 
 
 def test_info_and_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
