@@ -671,6 +671,16 @@ def _add_train(sub: Any) -> None:
         "--out", default="runs/train", help="folder of checkpoint.pt (default runs/train)"
     )
     train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    _add_train_model_flags(train)
+    _add_train_settings(train)
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
+    train.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+
+def _add_train_model_flags(train: argparse.ArgumentParser) -> None:
+    """``train``'s model flags (a new run's defaults: the ``byte-lm`` preset)."""
     g = train.add_argument_group("model (fixed once a run has started)")
     g.add_argument(
         "--architecture",
@@ -695,6 +705,10 @@ def _add_train(sub: Any) -> None:
         "--dropout", type=_non_negative_float, help=f"default {DEFAULT_MODEL['dropout']}"
     )
     g.add_argument("--backend", choices=BACKENDS, help=BACKEND_HELP)
+
+
+def _add_train_settings(train: argparse.ArgumentParser) -> None:
+    """``train``'s run settings (a new run's defaults: :class:`TrainSettings`)."""
     t = train.add_argument_group("training (defaults: the checkpoint's when resuming)")
     t.add_argument(
         "--batch-size", type=POSITIVE, help=f"parallel streams (default {_SETTINGS.batch_size})"
@@ -765,10 +779,6 @@ def _add_train(sub: Any) -> None:
         "compile, later ones are faster when the step is bound by launches; same gradients up "
         "to float rounding)",
     )
-    train.add_argument("--device", default="auto", help=DEVICE_HELP)
-    train.add_argument("--threads", type=_threads, help="CPU threads (default: torch's)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
 
 
 def _add_eval(sub: Any) -> None:
