@@ -1,4 +1,4 @@
-"""Eager vs compiled MRBP steps on the CPU, in the same run (issue 17).
+"""Eager vs compiled MRBP steps on the CPU, in the same run.
 
 ``mrbp.backward(model, ids, compile=True)`` runs each segment's step through
 ``torch.compile(fullgraph=True)`` (inductor). At the paper's layer structure (encoder-decoder,
@@ -112,7 +112,7 @@ def machine() -> dict[str, Any]:
 
 def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "# Eager vs compiled MRBP steps on the CPU (issue 17)",
+        "# Eager vs compiled MRBP steps on the CPU",
         "",
         f"`{info['command']}` ({info['date']}, torch {info['torch']}, Python {info['python']}, "
         f"{info['platform']}, {info['cpu_count']} CPUs shared with other jobs, "

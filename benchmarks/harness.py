@@ -18,6 +18,7 @@ activations, replay buffers and temporaries.
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -34,14 +35,36 @@ ON_CUDA = DEVICE.type == "cuda"
 MB = 1024**2
 L2_FLUSH_BYTES = 256 * MB  # rotate inputs through more than the H200's 60 MB L2 (x4)
 THREADS_ENV = "MEMFORMER_BENCH_THREADS"
+# "1" (or ``--benchmark-long``, which sets it) runs the full set; by default the cases that cost
+# the most for what they add (compiled references, the longest rollouts, the peer at T = 16) stay
+# out, so the suite fits in minutes on a shared 2-core CPU.
+FULL_ENV = "MEMFORMER_BENCH_FULL"
+PEER_INSTALL = "pip install --no-deps memformer==0.3.1 einops"
 PROBE = Path(__file__).with_name("memory_probe.py")
 
 
+def full_set() -> bool:
+    """Whether the full benchmark set was asked for (``--benchmark-long`` or ``FULL_ENV=1``)."""
+    return os.environ.get(FULL_ENV, "") == "1"
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of ``package`` (``"memformer"``: the peer), or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def apply_thread_setting() -> None:
-    """Set torch's CPU thread count from ``MEMFORMER_BENCH_THREADS`` when it is given."""
+    """Set torch's CPU thread count: ``MEMFORMER_BENCH_THREADS`` when it is given, else one
+    thread on the CPU. The CPU sizes are small, and on a machine whose cores other jobs share,
+    OpenMP threads that wait for one another run many times slower than one thread."""
     threads = os.environ.get(THREADS_ENV)
     if threads:
         torch.set_num_threads(int(threads))
+    elif not ON_CUDA:
+        torch.set_num_threads(1)
 
 
 def synchronize() -> None:

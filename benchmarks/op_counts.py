@@ -8,7 +8,7 @@ depend on the model's structure, never on its width or on timing, so they are ex
 tested (``tests/test_op_counts.py``).
 
 ``python benchmarks/op_counts.py`` prints the per-operator table and the per-segment slope (the
-count at T = 8 minus the count at T = 4, over 4) at the configuration of issue 17: encoder-decoder,
+count at T = 8 minus the count at T = 4, over 4) at the paper's layer structure: encoder-decoder,
 4 encoder + 8 decoder layers, 32 slots, segments of 64, dropout 0.1, batch 8, an attention mask
 with padding, reference backend, CPU, a warm model (one call before counting). The width is 64:
 the counts do not depend on it.
@@ -135,7 +135,7 @@ def _device_to_host(
 
 @dataclass
 class Workload:
-    """A model and a rollout for ``mrbp.backward`` (the defaults are issue 17's configuration)."""
+    """A model and a rollout for ``mrbp.backward`` (the defaults: the paper's layer structure)."""
 
     d_model: int = 64
     n_heads: int = 8

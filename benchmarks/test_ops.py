@@ -7,8 +7,9 @@ read only). The backward runs with a random upstream gradient (``torch.autograd.
 
 Shapes: on CUDA B=8, H=8, Dh=64, L in {512, 4096}, S in {32, 256}, float32 and bfloat16; on the CPU
 B=2, H=4, Dh=32, L in {256, 1024}, S in {16, 64}, float32, and ``compile`` only forward+backward
-(each compilation costs tens of seconds on two cores). On CUDA every case also reports the bytes
-the operation must move and the fraction of the copy-bandwidth floor it reaches.
+(each compilation costs tens of seconds on two cores). ``compile`` runs in the full set only
+(``--benchmark-long``). On CUDA every case also reports the bytes the operation must move and the
+fraction of the copy-bandwidth floor it reaches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, ON_CUDA, Rotation, bandwidth_info, rounds, run_benchmark
+from harness import DEVICE, ON_CUDA, Rotation, bandwidth_info, full_set, rounds, run_benchmark
 from torch import Tensor
 
 from memformer_fast import functional
@@ -36,6 +37,8 @@ else:
     LENGTHS, SLOTS = (256, 1024), (16, 64)
     DTYPES = (torch.float32,)
     BACKENDS = ("reference", "compile")
+if not full_set():  # each compilation costs tens of seconds on a loaded CPU
+    BACKENDS = tuple(b for b in BACKENDS if b != "compile")
 MODES = ("fwd", "fwd+bwd")
 WRITE_TEMPERATURE = 0.5  # the model's default
 
