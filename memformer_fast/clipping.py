@@ -23,8 +23,9 @@ from torch import Tensor
 DEFAULT_FACTOR = 4.0  # the relative limit of SpikeClip, and of `memformer-fast train`
 # A total norm below this (clip_grad_norm_'s own epsilon: it scales by max_norm / (norm + 1e-6))
 # says nothing about the scale of the gradients to come: an all-zero gradient, or a vanishing one,
-# is neither clipped nor averaged in. Averaged in, one all-zero gradient made the running mean 0
-# and the limit 0 for good, and a first norm of 4e-20 took 162 updates to grow out of.
+# is neither clipped nor averaged in: averaged in, one all-zero gradient would make the running
+# mean, and so the limit, 0 for good, and a vanishing first norm would hold the limit near 0 for
+# as many updates as the mean takes to forget it.
 TINY_NORM = 1e-6
 
 # torch >= 2.6: one foreach norm per device and dtype, the partial norms gathered on the first

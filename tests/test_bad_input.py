@@ -1,4 +1,4 @@
-"""Bad input at every public entry point (issue 7): a clear Python exception, and nothing changed.
+"""Bad input at every public entry point: a clear Python exception, and nothing changed.
 
 Each case in ``CASES`` is one row of the table in ``docs/robustness.md``: the call, the exception
 type and fragments its message must contain (the argument's name, what was expected and what was
@@ -547,9 +547,9 @@ def test_nan_inf_in_op_inputs_propagate_locally(bad: float) -> None:
 
 @pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
 def test_non_finite_memory_is_refused_by_forward_sequence_loss_and_generate(arch: str) -> None:
-    """Issue 24, case 9: NaN or inf in the memory passed to ``forward``, ``sequence_loss`` or
-    ``generate`` was accepted (NaN logits and loss; ``generate`` emitted token 0). Refused with a
-    ValueError naming the row, the caller's memory untouched; a finite memory still works."""
+    """NaN or inf in the memory passed to ``forward``, ``sequence_loss`` or ``generate`` would
+    give NaN logits and loss (and ``generate`` token 0): refused with a ValueError naming the row,
+    the caller's memory untouched; a finite memory still works."""
     torch.manual_seed(2)
     model = Memformer(make_config(arch))
     ids = torch.randint(0, VOCAB, (2, 2 * SEG))
@@ -679,9 +679,8 @@ def test_docs_list_every_robustness_case() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
 def test_labels_take_every_dtype_input_ids_take(dtype: torch.dtype) -> None:
-    """Issue 24, case 16: ``labels`` of dtype uint8 (and int16) were refused where ``input_ids``
-    of those dtypes were accepted. One rule for both: the same losses and gradients as int64;
-    bool is refused for both."""
+    """``labels`` take every dtype ``input_ids`` take (uint8 and int16 too), with the same
+    losses and gradients as int64; bool is refused for both."""
     torch.manual_seed(3)
     model = Memformer(make_config("decoder"))
     ids = torch.randint(0, VOCAB, (2, 2 * SEG))

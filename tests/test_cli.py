@@ -393,14 +393,15 @@ BAD_FLAGS = [
     ("demo-threads-negative", ["demo", "--threads", "-1"], ["--threads", "must be >= 1"]),
     ("demo-segments-one", ["demo", "--segments", "1"], ["--segments", "must be >= 2"]),
     ("demo-seed-too-large", ["demo", "--seed", str(2**64)], ["--seed", "2**63"]),
-    # issue 24, case 7: torch.set_num_threads(100000) crashed the process (exit 139)
+    # torch.set_num_threads(100000) crashes the process (exit 139): the flag is checked first
     ("train-threads-too-many", ["train", "--threads", "100000"],
      ["--threads", "(the CPUs of this machine), got 100000"]),
     ("generate-threads-too-many", ["generate", "--threads", "100000"],
      ["--threads", "must be at most"]),
     ("demo-threads-too-many", ["demo", "--threads", "100000"], ["--threads", "must be at most"]),
 ]  # fmt: skip
-# The ones the issues found, also run as real processes (the rest run in-process: same code).
+# The ones that once crashed a process, also run as real processes (the rest run in-process:
+# same code).
 SUBPROCESS_FLAGS = {"train-threads-negative", "train-device-unknown", "train-seed-too-large",
                     "train-encdec-one-segment", "generate-temperature-inf",
                     "train-threads-too-many", "generate-threads-too-many",

@@ -89,9 +89,8 @@ def test_a_non_finite_gradient_changes_nothing() -> None:
 
 @pytest.mark.parametrize("first", [0.0, 4e-20])
 def test_a_zero_or_vanishing_gradient_does_not_set_the_limit(first: float) -> None:
-    """Issue 24, case 4: after one all-zero gradient the running mean was 0 and every later
-    gradient was clipped to norm 0 for good (limit min(1, 4 * 0)); a first norm of 4e-20 took 162
-    updates to grow out of. Such a norm is neither clipped nor averaged in."""
+    """An all-zero or vanishing gradient norm is neither clipped nor averaged in: averaged in,
+    a zero would clip every later gradient to norm 0 for good (limit min(1, 4 * 0))."""
     clip = SpikeClip(max_norm=1.0, factor=4.0)
     assert feed(clip, first) == pytest.approx((first, first), rel=1e-5, abs=0)
     assert clip.running_norm is None and clip.limit == 1.0

@@ -135,7 +135,7 @@ def test_inductor_compiled_mrbp_equals_bptt(backend: str):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-# Issue 24, case 1: a compiled loop accepts every layout eager does (padding appearing, resets,
+# A compiled loop accepts every layout eager does (padding appearing, resets,
 # a carried memory, ragged lengths), with a bounded number of graphs and no hard failure.
 LAYOUTS = [  # (extra tokens, a padded row, resets, a carried memory that needs no grad)
     (0, False, False, False), (0, True, False, False), (0, False, True, False),
@@ -230,9 +230,9 @@ def test_compiled_step_past_the_limit_runs_eagerly(backend: str, monkeypatch):
 @pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
 @pytest.mark.parametrize(("arch", "T"), [("decoder", 1), ("encoder-decoder", 2)])
 def test_compiled_mrbp_leaves_unreached_grads_none(backend: str, arch: str, T: int):
-    """Issue 24, case 12: the writer's output gets no gradient in these rollouts (its memory is
-    never read again), so eager MRBP and BPTT leave its parameters' ``.grad`` None; a compiled
-    graph gave them zero tensors, which AdamW's weight decay and state treat differently."""
+    """The writer's output gets no gradient in these rollouts (its memory is never read again),
+    so eager MRBP and BPTT leave its parameters' ``.grad`` None; so must a compiled graph (zero
+    tensors instead would change what AdamW's weight decay and state do)."""
     model = make_model(arch, dropout=0.0)
     ids = torch.randint(0, 29, (2, T * SEG), generator=torch.Generator().manual_seed(T))
     model.sequence_loss(ids)[0].backward()

@@ -1,4 +1,4 @@
-"""MRBP under DistributedDataParallel: 2 processes, gloo, CPU, 127.0.0.1 only (issue 7).
+"""MRBP under DistributedDataParallel: 2 processes, gloo, CPU, 127.0.0.1 only.
 
 Every scenario runs in one spawn of two ranks (starting processes is the slow part). The ground
 truth is full BPTT (``sequence_loss(...).backward()``) in this process on the combined batch: with

@@ -1,4 +1,4 @@
-"""The package among the tools users already run (issue 7): autocast, torch.compile, determinism.
+"""The package among the tools users already run: autocast, torch.compile, determinism.
 
 DDP lives in ``test_distributed.py``. The compile tests are marked ``slow``: Inductor compiles C++
 on CPU, which takes about a minute per graph on two cores, so only one layer goes through it and

@@ -1,4 +1,4 @@
-"""Evidence on real text (issue 12, part 4): ``memformer-fast eval`` and the file-aware trainer.
+"""Evidence on real text: ``memformer-fast eval`` and the file-aware trainer.
 
 ``train --reset-at-file-boundaries`` lays each file out from a segment start with a fresh memory;
 ``train --memory-reset-every-segment`` is the no-memory baseline; ``eval`` reports bits per byte
@@ -245,7 +245,7 @@ def test_eval_errors_are_one_line(
     assert code == 2 and "--batch-size must be >= 1, got 0" in err
 
 
-# ------------------------------------------------- issue 24: pipes, --json paths and signals
+# ------------------------------------------------------------- pipes, --json paths and signals
 
 
 @pytest.fixture
@@ -268,10 +268,9 @@ def test_eval_json_path_is_checked_first_and_written_atomically(
     corpus: Path, tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    """Issue 24, case 6: ``--json`` naming a folder, a path under a file or a read-only folder
-    failed with a traceback after the whole evaluation; now one line before it. The report is
-    written through a temporary file: a full disk leaves neither a partial report nor the
-    temporary file."""
+    """``--json`` naming a folder, a path under a file or a read-only folder fails with one
+    line before the evaluation, not a traceback after it. The report is written through a
+    temporary file: a full disk leaves neither a partial report nor the temporary file."""
     text = str(sorted(corpus.iterdir())[-1])
     args = ["eval", str(trained), text, "--no-progress", "--threads", "1"]
     a_file = tmp_path / "a-file"
@@ -307,8 +306,8 @@ def test_eval_json_path_is_checked_first_and_written_atomically(
 def test_eval_into_a_closed_pipe_still_writes_its_json(
     corpus: Path, tmp_path: Path, trained: Path
 ) -> None:
-    """Issue 24, case 6: ``eval ... | head -n 1`` ended in a BrokenPipeError traceback and the
-    ``--json`` report was not written."""
+    """``eval ... | head -n 1`` ends without a BrokenPipeError traceback, and the ``--json``
+    report is still written."""
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "memformer_fast", "eval", str(trained),
@@ -327,8 +326,8 @@ def test_eval_into_a_closed_pipe_still_writes_its_json(
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_during_eval_says_so(tmp_path: Path, trained: Path, sig: str) -> None:
-    """Issue 24, case 15: Ctrl-C during ``eval`` said "interrupted" with status 130, SIGTERM
-    ended it silently; now the same words as ``train``'s, and 128 + the signal."""
+    """Ctrl-C or SIGTERM during ``eval`` says so in the same words as ``train``'s, with status
+    128 + the signal."""
     signum = getattr(signal, sig)
     big = tmp_path / "big.txt"
     big.write_bytes(b"".join(FILES) * 40)  # minutes of evaluation for this model

@@ -479,9 +479,9 @@ def byte_checkpoint(folder: Path) -> Path:
 def test_export_is_all_or_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 24, case 8: a full disk or Ctrl-C during ``export`` left a partial folder that
-    blocked the rerun ("exists and is not an empty folder"), and a read-only or full disk gave
-    tracebacks. The folder is written under a hidden name and renamed into place when complete."""
+    """A full disk or Ctrl-C during ``export`` leaves no partial folder to block the rerun
+    ("exists and is not an empty folder"), and a read-only or full disk gives one line, not a
+    traceback: the folder is written under a hidden name and renamed into place when complete."""
     import errno
     import os
 
@@ -520,8 +520,8 @@ def test_export_is_all_or_nothing(
 
 
 def test_a_corrupted_or_non_finite_export_is_refused(tmp_path: Path) -> None:
-    """Issue 24, case 10: an exported folder with a flipped data byte or a NaN weight loaded
-    silently and generated zeros. ``save_pretrained`` writes the weight files' sha256 beside
+    """An exported folder with a flipped data byte or a NaN weight must not load (it would
+    generate zeros). ``save_pretrained`` writes the weight files' sha256 beside
     them and ``from_pretrained`` checks them, and every loaded weight must be finite."""
     from safetensors.torch import load_file, save_file
 
@@ -613,9 +613,9 @@ def test_mrbp_trainer_step_gradients_are_mrbp_backward_averaged(arch: str, tmp_p
 
 @pytest.mark.parametrize("carry_memory", [True, False])
 def test_mrbp_trainer_refuses_an_empty_dataset(tmp_path: Path, carry_memory: bool) -> None:
-    """Issue 24, case 13: with ``carry_memory`` an empty dataset "trained" to global_step 0 of
-    max_steps 3 and reported success; without it torch said "num_samples should be a positive
-    integer value". One clear error for both, before anything runs."""
+    """An empty dataset is one clear error before anything runs, with ``carry_memory`` (which
+    would otherwise "train" to global_step 0 and report success) and without it (where torch
+    says "num_samples should be a positive integer value")."""
     _, hf = wrapped("decoder", n_decoder_layers=1)
     trainer = MRBPTrainer(model=hf, args=training_args(tmp_path, max_steps=3), train_dataset=[],
                           carry_memory=carry_memory)  # fmt: skip

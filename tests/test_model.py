@@ -334,10 +334,10 @@ def test_attention_masks_are_converted_once_per_mask_and_follow_in_place_changes
 
 
 def test_causal_blocks_stay_causal_with_any_bool_mask():
-    """Issue 24, case 2: a causal layer given a bool mask (a ``[B, 1, 1, L]`` key mask, or an
-    all-True ``[B, 1, L, L]``) let position 0 see the future (d out[:, 0] / d h[:, 1:] was 0.19):
-    ``is_causal`` was dropped whenever a mask was given. Now the mask is intersected with the
-    causal one: no gradient from the future, and an all-True mask equals no mask."""
+    """A causal layer given a bool mask (a ``[B, 1, 1, L]`` key mask, or an all-True
+    ``[B, 1, L, L]``) stays causal: SDPA takes a mask or ``is_causal``, not both, so the layer
+    intersects the mask with the causal one. No gradient from the future, and an all-True mask
+    equals no mask."""
     from memformer_fast.layers import DecoderBlock, MemoryBlock, RotarySelfAttention
 
     torch.manual_seed(0)

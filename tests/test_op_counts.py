@@ -1,8 +1,8 @@
 """Host overhead of an MRBP step, counted: ATen operators per segment and syncs per rollout.
 
 On a GPU at the paper's sizes every kernel does about a microsecond of work, so what the host
-dispatches decides the speed of a step (issue 17). The counts come from ``benchmarks/op_counts.py``
-(a ``TorchDispatchMode``) at issue 17's structure (4 encoder + 8 decoder layers, 32 slots, segments
+dispatches decides the speed of a step. The counts come from ``benchmarks/op_counts.py``
+(a ``TorchDispatchMode``) at the paper's structure (4 encoder + 8 decoder layers, 32 slots, segments
 of 64, batch 8, dropout 0.1, a padded attention mask, reference backend) with a tiny width: they do
 not depend on the width, nor on timing, so they are exact. A change that dispatches more fails
 here; one that dispatches less updates the numbers (and quotes them in its note).
@@ -35,13 +35,9 @@ def _load_op_counts() -> ModuleType:
 op_counts = _load_op_counts()
 
 # (operators per segment, operators at T = 4, at T = 8, syncs at T = 4, at T = 8, at T = 32).
-# Issue 17's baseline for the encoder-decoder: 2,041 per segment (1,739 as counted in the issue)
-# and 9 / 13 syncs (one more per segment); its goals: at most 1,390 per segment and 2 syncs per
-# rollout (the plan's one read, and the finiteness flags' one read after the replay).
-# Issue 24 added 3 operators per causal mask conversion (a causal layer intersects the mask it is
-# given with the causal one: ones, tril, and): once per segment and pass for each causal mask.
-# Issue 26 (one MRBP core for every model) builds M_0 from the memory bias once per rollout, not
-# once for the critical path and again for the replay of segment 0: 2 operators fewer per rollout.
+# Two syncs per rollout, whatever T: the plan's one read, and the finiteness flags' one read after
+# the replay. A causal layer given a mask intersects it with the causal one (ones, tril, and: 3
+# operators once per segment and pass), and M_0 is built from the memory bias once per rollout.
 EXPECTED = {
     "encoder-decoder": (1195, 3955, 8735, 2, 2, 2),
     "decoder": (1137, 4669, 9217, 2, 2, 2),

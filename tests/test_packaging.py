@@ -1,5 +1,5 @@
-"""The repository's top-level ``kernels/`` folder never shadows another distribution's ``kernels``
-(issue 23), and installs as ``memformer_fast.kernels``.
+"""The repository's top-level ``kernels/`` folder never shadows another distribution's ``kernels``,
+and installs as ``memformer_fast.kernels``.
 
 Run from the repository root, Python puts the root first on ``sys.path``: a regular package there
 named ``kernels`` was imported by ``transformers`` (>= 5.25) in place of its dependency, Hugging
@@ -95,7 +95,7 @@ _HF_FROM_THE_ROOT = """
 
 
 def test_transformers_loads_memformer_from_the_repository_root() -> None:
-    """What issue 23 saw fail: ``transformers`` (and its ``kernels``) imported with the
+    """``transformers`` (and its ``kernels``) imported with the
     repository root first on ``sys.path``, then a ``MemformerForCausalLM`` saved and loaded back
     through ``AutoModelForCausalLM``."""
     pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the three operations' shapes and values (issue 7).
+"""Property-based tests (hypothesis) of the three operations' shapes and values.
 
 The oracles are independent of ``reference.py``: ``scaled_dot_product_attention`` for both
 attentions (the write as one query per slot over ``[self, tokens]``) and ``F.normalize`` for the

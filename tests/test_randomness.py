@@ -171,9 +171,9 @@ def test_a_rejected_rollout_leaves_the_global_generator_alone(arch: str) -> None
 def test_every_refusal_leaves_the_global_generator_alone(
     arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 24, case 14: only the plan's own errors undid the rollout seed's draw; a call
-    refused later (a memory of another shape, a memory or loss that is not finite, an exception
-    in the middle of the replay) had advanced the global generator. Every refusal restores it."""
+    """A call refused after the rollout seed was drawn (a memory of another shape, a memory or
+    loss that is not finite, an exception in the middle of the replay), not only by the plan's
+    own checks, leaves the global generator where it was."""
     model, ids = make_model(arch), ids_for()
     nan_memory = model.init_memory(3).detach().clone()
     nan_memory[2, 1, 0] = float("nan")

@@ -1,4 +1,4 @@
-"""The replay buffer extension ``memformer_fast._C`` (docs/design.md, "Public API"; issue 4)."""
+"""The replay buffer extension ``memformer_fast._C`` (docs/design.md, "Public API")."""
 
 from __future__ import annotations
 
@@ -405,7 +405,7 @@ def test_mrbp_with_offload_equals_bptt():
     assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5
 
 
-# Offload storage reused across buffers (issue 17) -------------------------------------------------
+# Offload storage reused across buffers ----------------------------------------------------------
 
 
 @pytest.fixture

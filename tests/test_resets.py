@@ -1,4 +1,4 @@
-"""Per-row memory resets (issue 12, part 5): a row's memory restarts at a document start.
+"""Per-row memory resets: a row's memory restarts at a document start.
 
 ``forward(reset=[B])``, ``sequence_loss(resets=[B, T])``, ``mrbp.backward(resets=[B, T])`` and
 ``stream``/``generate(reset=[B])``. Checked three ways: MRBP equals BPTT with resets (dropout,

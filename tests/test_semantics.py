@@ -33,9 +33,9 @@ def test_mrbp_refuses_post_accumulate_grad_hooks() -> None:
 
 
 def test_mrbp_refuses_plain_gradient_hooks() -> None:
-    """Issue 24, case 5: a ``register_hook`` hook ran once per segment under MRBP (145 calls
-    against 31 under BPTT), and a non-linear one (a clamp) gave other gradients than BPTT.
-    Refused like post-accumulate hooks, before anything runs; a removed hook is no hook."""
+    """A ``register_hook`` hook would run once per segment under MRBP (once per rollout under
+    BPTT), and a non-linear one (a clamp) would give other gradients than BPTT: refused like
+    post-accumulate hooks, before anything runs; a removed hook is no hook."""
     model = tiny_model("decoder")
     ids = torch.randint(0, 23, (2, 15), generator=torch.Generator().manual_seed(0))
     model.sequence_loss(ids)[0].backward()

@@ -1,4 +1,4 @@
-"""``train`` and checkpoints when things go wrong (issue 13): unwritable or full output folders,
+"""``train`` and checkpoints when things go wrong: unwritable or full output folders,
 signals, divergence, interrupted evaluations, corrupted and hand-edited checkpoints."""
 
 from __future__ import annotations
@@ -256,9 +256,9 @@ sys.exit(main(sys.argv[1:]))
 def test_a_second_signal_during_the_save_loses_nothing(
     sig: str, corpus: Path, tmp_path: Path
 ) -> None:
-    """Issue 24, case 3: the handlers were restored before the save on the way out, so a second
-    SIGTERM (schedulers re-send it) or Ctrl-C in that window killed the process with nothing
-    saved. Now further signals are ignored until the checkpoint is on disk."""
+    """A second SIGTERM (schedulers re-send it) or Ctrl-C while the stopping run saves is
+    ignored until the checkpoint is on disk: restoring the handlers before the save would let it
+    kill the process with nothing saved."""
     signum = getattr(signal, sig)
     out = tmp_path / "run"
     proc = subprocess.Popen(
@@ -287,8 +287,8 @@ def test_a_second_signal_during_the_save_loses_nothing(
 def test_a_second_run_on_the_same_out_is_refused(
     corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Issue 24, case 11: two ``train`` processes on one ``--out`` both ran; the loser died with
-    "the checkpoint of step N is intact", which was the other run's file. The folder is locked
+    """Two ``train`` processes on one ``--out`` would overwrite each other's checkpoints (the
+    loser reporting the other run's file as its own). The folder is locked
     (``.lock``, released however the holder ends, removed when it ends normally): the second run
     fails at once, saying who holds it, and touches nothing."""
     out = tmp_path / "run"
