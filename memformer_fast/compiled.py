@@ -92,12 +92,11 @@ def check_mode(compile: object, model: Memformer) -> str | None:
     if not isinstance(compile, str) or compile not in MODES:
         raise ValueError(f"compile must be a bool or one of {list(MODES)}, got {compile!r}")
     if compile in ("reduce-overhead", "max-autotune"):
-        if model.training and model.config.stochastic:
+        if model.training and model.config.dropout > 0:
             raise ValueError(
                 f"compile={compile!r} uses CUDA graphs, which would replay one dropout mask "
-                "(and memory noise) for every segment (they come from a generator of each call, "
-                "not the graph's); use compile=True with dropout or memory_noise, or CUDA graphs "
-                "with both 0 / eval"
+                "for every segment (the masks come from a generator of each call, not the "
+                "graph's); use compile=True with dropout, or CUDA graphs with dropout 0 / eval"
             )
         if model.device.type != "cuda":
             raise ValueError(
@@ -112,9 +111,9 @@ def inductor_options(mode: str, device_type: str) -> dict[str, Any]:
 
     On the CPU the generated code calls its kernels from a C++ wrapper (``cpp_wrapper``) instead
     of a Python function: a launch-bound segment runs about a thousand small kernels and extern
-    calls, each of which costs microseconds of Python in the default wrapper, and that Python
-    is most of a launch-bound step's time (``benchmarks/results/compile/`` measures both). On CUDA
-    the default Python wrapper stays: CUDA graphs (``reduce-overhead``) remove that cost there.
+    calls, each of which costs microseconds of Python in the default wrapper; the C++ wrapper
+    removes that cost (``benchmarks/results/compile/`` has the measurements). On CUDA the default
+    Python wrapper stays: CUDA graphs (``reduce-overhead``) remove that cost there.
     """
     options = dict(torch._inductor.list_mode_options(mode))
     if device_type == "cpu":
