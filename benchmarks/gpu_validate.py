@@ -43,6 +43,11 @@ if "--dry-run" in sys.argv:  # before Triton is imported anywhere
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--dry-run" in sys.argv:  # the interpreter as a GPU computes, as the test suite runs it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import triton_interpreter
+
+    triton_interpreter.install()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)

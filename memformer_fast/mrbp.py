@@ -23,7 +23,8 @@ to run one segment:
 
 Under ``DistributedDataParallel`` (:func:`backward`) the replay runs on the wrapped module, outside
 DDP's reducer, and the gradients are averaged over the ranks ONCE per rollout, after the last
-backward call, by one pass through the DDP wrapper (see :func:`_synchronize`).
+backward call, by one pass through the DDP wrapper (:func:`synchronize_gradients`, which a
+training loop that accumulates several rollouts calls itself).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def backward(
         outcome = _compute(plan, memory_in, params, offload, ddp, "mrbp.backward")
     result = _commit(outcome)
     if ddp is not None and ddp.require_backward_grad_sync:
-        _synchronize(ddp, net, outcome.gradients.params)
+        synchronize_gradients(ddp, outcome.gradients.params)
     return result
 
 
@@ -686,23 +687,41 @@ def _forward_redirected(module: nn.Module, forward: Callable[[], Tensor]) -> Ite
             module.__dict__["forward"] = saved
 
 
-def _synchronize(ddp: DistributedDataParallel, net: Memformer, params: Sequence[Tensor]) -> None:
-    """Average every parameter's accumulated ``.grad`` over the ranks with DDP's own reducer.
+def synchronize_gradients(
+    ddp: DistributedDataParallel, parameters: Sequence[Tensor] | None = None
+) -> None:
+    """Average the gradients accumulated in ``.grad`` over the ranks, with ``ddp``'s own reducer.
 
-    The replay's backward calls ran on the wrapped module, which DDP's reducer ignores (no
-    forward went through the wrapper), so gradients accumulated locally as under ``no_sync``.
-    Here one forward goes through the wrapper, redirected to ``0 * sum(p.sum())`` over every
+    For gradients accumulated outside DDP's forward: :func:`backward` calls it once per rollout
+    (the replay's backward calls run on the wrapped module, which DDP's reducer ignores, so they
+    accumulate locally as under ``no_sync``); a loop that accumulates several rollouts with
+    ``no_sync`` before an optimizer step calls it after the last (``MRBPTrainer`` does). Every
+    rank must call it: it is a collective.
+
+    One forward goes through the wrapper, redirected to ``0 * sum(p.sum())`` over every
     parameter, and its backward adds zero to every ``.grad``: each parameter's gradient hook
     fires once, so the reducer all-reduces the whole accumulated gradient in its buckets (comm
     hooks, ``gradient_as_bucket_view`` and ``find_unused_parameters`` all keep working) and
     every rank ends with the mean over ranks, as DDP computes it. Syncing on a replayed segment
     instead would miss the parameters that segment does not touch.
+
+    Args:
+        ddp: the ``DistributedDataParallel`` wrapper.
+        parameters: the parameters to touch; default every parameter of the wrapped module that
+            requires grad.
     """
+    module = ddp.module
+    params = (
+        [p for p in module.parameters() if p.requires_grad]
+        if parameters is None
+        else list(parameters)
+    )
+    device = params[0].device if params else torch.device("cpu")
 
     def touch_every_parameter() -> Tensor:
-        return sum((p.sum() for p in params), torch.zeros((), device=net.device)) * 0.0
+        return sum((p.sum() for p in params), torch.zeros((), device=device)) * 0.0
 
-    with torch.enable_grad(), _forward_redirected(net, touch_every_parameter):
+    with torch.enable_grad(), _forward_redirected(module, touch_every_parameter):
         out = ddp()
     out.backward()
 

@@ -74,14 +74,24 @@ def _kernels() -> ModuleType:
     """The kernels, imported on first use: importing them imports Triton, which is slow and
     optional off CUDA, and decides (from ``TRITON_INTERPRET``) whether they are interpreted."""
     kernels = importlib.import_module("memformer_fast.kernels")  # installed from kernels/
-    # triton_op finds the kernels of an op by reading its body's source, which launches them
-    # through the launchers of a module imported only now; name them here, for the compile
-    # caches, whose keys hash the kernels' sources (private to torch: skipped where it moved).
+    _name_kernels_for_compile_caches(kernels)
+    return kernels
+
+
+def _name_kernels_for_compile_caches(kernels: ModuleType) -> None:
+    """Tell torch which Triton kernels each op launches, for the compile caches.
+
+    ``triton_op`` finds the kernels of an op by reading its body's source, which launches them
+    through the launchers of a module imported only now, so it finds none; the compile caches,
+    whose keys hash the kernels' sources, then miss an edit of a kernel. The registry written
+    here, ``torch._library.triton.triton_ops_to_kernels``, is private to torch (a dict from the
+    op's qualified name to its kernels, checked against torch 2.13): where it moved or changed
+    type, nothing is written and only that cache key loses the kernels' sources.
+    """
     registry = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
     if isinstance(registry, dict):
         for op, launcher in _LAUNCHERS.items():
             registry[f"memformer_fast::{op}"] = list(kernels.LAUNCHED_KERNELS[launcher])
-    return kernels
 
 
 def _on_cuda(t: Tensor) -> bool:

@@ -1,7 +1,8 @@
 """Shared test setup.
 
 Triton kernels run on CPU tensors through the interpreter when no GPU is present; the variable must
-be set before Triton is imported, so it is set here, first.
+be set before Triton is imported, so it is set here, first, and the interpreter is then patched to
+compute as a GPU does (``triton_interpreter``: bfloat16 dots and casts, runtime loop bounds).
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import pytest
 import torch
 from testing_utils import CLI_TEXT
 
+from memformer_fast.backends import interpreter_enabled, triton_available
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if interpreter_enabled() and triton_available():
+    # The interpreter as a GPU would compute (bfloat16 dots, runtime loop bounds): test-only.
+    import triton_interpreter
+
+    triton_interpreter.install()
 
 
 @pytest.fixture(autouse=True)

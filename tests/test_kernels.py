@@ -27,8 +27,9 @@ pytest.importorskip("triton")
 from memformer_fast import kernels  # noqa: E402  (after the skip: imports Triton)
 
 DEVICE = "cuda" if CUDA else "cpu"
-# bfloat16 runs under the interpreter too: kernels/utils.py makes its tl.dot multiply bfloat16
-# inputs with float32 accumulation and its float32 -> bfloat16 casts round to nearest, as the GPU.
+# bfloat16 runs under the interpreter too: triton_interpreter (installed by conftest) makes its
+# tl.dot multiply bfloat16 inputs with float32 accumulation and its float32 -> bfloat16 casts
+# round to nearest, as the GPU does.
 DOT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

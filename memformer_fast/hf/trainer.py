@@ -131,7 +131,7 @@ class MRBPTrainer(Trainer):
                         p.grad.div_(steps)
             if isinstance(model, DistributedDataParallel):
                 # One all-reduce of everything accumulated, through the DDP wrapper's reducer.
-                mrbp._synchronize(model, cast(Any, wrapped), params)
+                mrbp.synchronize_gradients(model, params)
         return result.loss.detach() / steps
 
 
