@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import CLI_TEXT, TINY_CLI, relative_error, run, tiny_model
+from testing_utils import CLI_TEXT, TINY_CLI, grads, relative_error, run, tiny_model
 from torch._dynamo.utils import counters
 
 from memformer_fast import Memformer, compiled, mrbp
@@ -37,10 +37,6 @@ def rollout(T: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     labels = ids.clone()
     labels[0, SEG + 1] = -100
     return ids, mask, labels
-
-
-def grads(model: Memformer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from testing_utils import tiny_model
+from testing_utils import grads, tiny_model
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -36,10 +36,6 @@ def batches() -> list[torch.Tensor]:
     """Two rollouts of the combined batch ``[WORLD * ROWS, T * SEG]``."""
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, 23, (WORLD * ROWS, T * SEG), generator=g) for _ in range(2)]
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _worker(rank: int, port: int, out: str) -> None:

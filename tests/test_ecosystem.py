@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from testing_utils import relative_error, tiny_model
+from testing_utils import grads, relative_error, tiny_model
 
 from memformer_fast import Memformer, functional, mrbp
 from memformer_fast.layers import DecoderBlock, MemoryBlock, MemoryReader, MemoryWriter
@@ -37,10 +37,6 @@ def make_model(arch: str = "decoder", dropout: float = 0.0, seed: int = 0) -> Me
 def rollout(B: int = 3, T: int = 4, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (B, T * SEG), generator=g)
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def bf16_autocast():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from testing_utils import LiveSavedBytes, relative_error, tiny_model
+from testing_utils import LiveSavedBytes, grads, relative_error, tiny_model
 
 from memformer_fast import Memformer, mrbp
 
@@ -34,10 +34,6 @@ def rollout(T: int = 8, B: int = 3, ragged: int = 2):
     labels = ids.clone()
     labels[2, 5:9] = -100
     return ids, mask, labels
-
-
-def grads(model: Memformer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def bptt(model, ids, mask, labels, seed=7):

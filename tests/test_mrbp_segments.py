@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_utils import LiveSavedBytes, relative_error
+from testing_utils import LiveSavedBytes, grads, relative_error
 from torch import Tensor, nn
 
 from memformer_fast import MemoryReader, MemoryWriter, mrbp
@@ -53,10 +53,6 @@ def segments(T: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (B, T * L + 1), generator=g)
     return [(ids[:, t * L : (t + 1) * L], ids[:, t * L + 1 : (t + 1) * L + 1]) for t in range(T)]
-
-
-def grads(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def bptt(model: UserModel, segs: list[Any], seed: int = 7) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from testing_utils import relative_error, tiny_model
+from testing_utils import grads, relative_error, tiny_model
 
 from memformer_fast import Memformer, mrbp, randomness
 
@@ -20,10 +20,6 @@ def make_model(arch: str) -> Memformer:
 
 def ids_for(T: int = 4, B: int = 3) -> torch.Tensor:
     return torch.randint(0, 31, (B, 6 * T), generator=torch.Generator().manual_seed(1))
-
-
-def grads(model: Memformer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

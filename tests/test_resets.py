@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_bad_input import META, Case, check_case, make_env
-from testing_utils import relative_error, tiny_model
+from testing_utils import grads, relative_error, tiny_model
 
 from memformer_fast import Memformer, mrbp
 
@@ -30,10 +30,6 @@ def make_model(arch: str, dropout: float = 0.1, dtype: torch.dtype = torch.float
         arch, vocab_size=V, n_memory_slots=4, segment_length=L, dropout=dropout, memory_dtype=dtype
     )
     return model.to(dtype).train()
-
-
-def grads(model: Memformer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def packed_batch(T: int = 7, B: int = 3, ragged: int = 2):

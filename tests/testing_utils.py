@@ -58,6 +58,11 @@ def tiny_model(architecture: str = "decoder", seed: int = 0, **overrides: Any) -
     return Memformer(tiny_config(architecture, **overrides))
 
 
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every ``.grad`` of ``model`` that is set, by parameter name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` in float64 (docs/design.md, "Guarantees")."""
     a, e = actual.detach().double(), expected.detach().double()
