@@ -223,15 +223,3 @@ def test_write_all_padding_is_exact() -> None:
         q, k_self, v_self, k, v, token_mask=mask, backend="triton"
     )
     assert torch.equal(o[0], v_self[0])
-
-
-def test_triton_backend_rejects_sizes_beyond_the_kernels() -> None:
-    """Explicit backend="triton" names the limit; "auto" would use the reference there."""
-    q = torch.randn(1, 2, 1, 130)
-    with pytest.raises(ValueError, match="head_dim <= 128, got 130"):
-        functional.memory_read_attention(q, q, q, backend="triton")
-    with pytest.raises(ValueError, match="head_dim <= 128, got 130"):
-        functional.memory_write_attention(q, q, q, q, q, backend="triton")
-    m = torch.randn(1, 2, 3000)
-    with pytest.raises(ValueError, match="D <= 2048, got 3000"):
-        functional.gated_memory_update(m, m, m[0], backend="triton")

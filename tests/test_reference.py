@@ -189,7 +189,3 @@ def test_default_scale_is_inverse_sqrt_head_dim():
         Fn.memory_read_attention(q, k, v, backend="reference"),
         Fn.memory_read_attention(q, k, v, scale=1 / math.sqrt(9), backend="reference"),
     )
-
-
-def test_auto_backend_on_cpu_is_reference():
-    assert Fn.resolve_backend("auto", torch.device("cpu")) == "reference"
