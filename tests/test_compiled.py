@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import CLI_TEXT, TINY_CLI, grads, relative_error, run, tiny_model
+from testing_utils import (
+    CLI_TEXT,
+    TINY_CLI,
+    assert_mrbp_equals_bptt,
+    grads,
+    relative_error,
+    run,
+    tiny_model,
+)
 from torch._dynamo.utils import counters
 
 from memformer_fast import Memformer, compiled, mrbp
@@ -50,20 +58,10 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 def check_equals_bptt(model: Memformer, T: int, extra: int) -> None:
     ids, mask, labels = rollout(T, extra)
-    torch.manual_seed(1)
-    loss, memory = model.sequence_loss(ids, attention_mask=mask, labels=labels)
-    loss.backward()
-    expected = grads(model)
+    assert_mrbp_equals_bptt(
+        model, ids, tol=1e-5, seed=1, options={"compile": True}, attention_mask=mask, labels=labels
+    )
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)  # the same rollout seed: the same dropout masks
-    result = mrbp.backward(model, ids, attention_mask=mask, labels=labels, compile=True)
-    actual = grads(model)
-    model.zero_grad(set_to_none=True)
-    assert actual.keys() == expected.keys()
-    worst = max(relative_error(actual[n], expected[n]) for n in expected)
-    assert worst < 1e-5, worst
-    torch.testing.assert_close(result.loss, loss.detach(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(result.memory, memory.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_bad_input import META, Case, check_case, make_env
-from testing_utils import grads, relative_error, tiny_model
+from testing_utils import assert_mrbp_equals_bptt, grads, relative_error, tiny_model
 
 from memformer_fast import Memformer, mrbp
 
@@ -61,31 +61,13 @@ def test_mrbp_with_resets_equals_bptt(arch: str, dtype: torch.dtype, tol: float)
     torch.manual_seed(11)
     start = torch.randn(3, 4, 16, dtype=dtype)
     start = torch.nn.functional.normalize(start, dim=-1)
-
-    model.zero_grad(set_to_none=True)
-    m_bptt = start.clone().requires_grad_()
-    torch.manual_seed(7)
-    loss, memory = model.sequence_loss(
-        ids, m_bptt, attention_mask=mask, labels=labels, resets=resets
+    both = assert_mrbp_equals_bptt(
+        model, ids, start, tol=tol, attention_mask=mask, labels=labels, resets=resets
     )
-    loss.backward()
-    expected = grads(model)
-
-    model.zero_grad(set_to_none=True)
-    m_mrbp = start.clone().requires_grad_()
-    torch.manual_seed(7)
-    result = mrbp.backward(model, ids, m_mrbp, attention_mask=mask, labels=labels, resets=resets)
-    actual = grads(model)
-
-    assert relative_error(result.loss, loss) < tol
-    assert relative_error(result.memory, memory) < tol
-    assert set(actual) == set(expected) and "writer.bias" in actual
-    worst = max(relative_error(actual[n], expected[n]) for n in expected)
-    assert worst < tol, worst
-    assert m_mrbp.grad is not None and m_bptt.grad is not None
-    assert relative_error(m_mrbp.grad, m_bptt.grad) < tol
-    assert torch.count_nonzero(m_bptt.grad[0]) == 0  # row 0 resets before segment 0
-    assert torch.count_nonzero(m_bptt.grad[1]) > 0
+    assert "writer.bias" in both.mrbp
+    assert both.bptt_memory_grad is not None and both.mrbp_memory_grad is not None
+    assert torch.count_nonzero(both.bptt_memory_grad[0]) == 0  # row 0 resets before segment 0
+    assert torch.count_nonzero(both.bptt_memory_grad[1]) > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -94,18 +76,9 @@ def test_mrbp_with_resets_from_the_initial_memory(arch: str) -> None:
     model = make_model(arch)
     ids, mask, labels, resets = packed_batch(T=4)
     resets[1] = True
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    loss, memory = model.sequence_loss(ids, attention_mask=mask, labels=labels, resets=resets)
-    loss.backward()
-    expected = grads(model)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    result = mrbp.backward(model, ids, attention_mask=mask, labels=labels, resets=resets)
-    assert relative_error(result.loss, loss) < 1e-5
-    assert relative_error(result.memory, memory) < 1e-5
-    actual = grads(model)
-    assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5
+    assert_mrbp_equals_bptt(
+        model, ids, tol=1e-5, seed=5, attention_mask=mask, labels=labels, resets=resets
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from memformer_fast import Memformer, MemformerConfig
+from memformer_fast import Memformer, MemformerConfig, mrbp
 from memformer_fast.app.cli import main
 from memformer_fast.presets import preset
 
@@ -67,6 +68,70 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` in float64 (docs/design.md, "Guarantees")."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+
+
+@dataclass
+class BPTTAndMRBP:
+    """What :func:`assert_mrbp_equals_bptt` compared: each side's parameter gradients and the
+    gradient of its own copy of the given memory (None when no memory was given)."""
+
+    bptt: dict[str, torch.Tensor]
+    mrbp: dict[str, torch.Tensor]
+    bptt_memory_grad: torch.Tensor | None
+    mrbp_memory_grad: torch.Tensor | None
+
+
+def assert_mrbp_equals_bptt(
+    model: Memformer,
+    input_ids: torch.Tensor,
+    memory: torch.Tensor | None = None,
+    *,
+    tol: float,
+    seed: int = 7,
+    options: dict[str, Any] | None = None,
+    **inputs: Any,
+) -> BPTTAndMRBP:
+    """``mrbp.backward`` against ``sequence_loss(...).backward()``, from fresh gradients and the
+    same global seed (so the same rollout seed and dropout masks): the loss, the final memory
+    ``[B, S, D]``, every parameter's gradient and the memory's are equal to relative error
+    ``tol``, and the same parameters get a gradient.
+
+    ``inputs`` go to both (``attention_mask``, ``labels``, ``resets``), ``options`` to
+    ``mrbp.backward`` only (``compile``, ``offload``). A given ``memory`` is cloned for each side
+    as a leaf that requires grad. The model's gradients are left as MRBP set them.
+    """
+
+    def leaf() -> torch.Tensor | None:
+        return None if memory is None else memory.detach().clone().requires_grad_()
+
+    model.zero_grad(set_to_none=True)
+    m_bptt = leaf()
+    torch.manual_seed(seed)
+    loss, final = model.sequence_loss(input_ids, m_bptt, **inputs)
+    loss.backward()
+    expected = grads(model)
+
+    model.zero_grad(set_to_none=True)
+    m_mrbp = leaf()
+    torch.manual_seed(seed)
+    result = mrbp.backward(model, input_ids, m_mrbp, **inputs, **(options or {}))
+    actual = grads(model)
+
+    assert relative_error(result.loss, loss) < tol
+    assert relative_error(result.memory, final) < tol
+    assert actual.keys() == expected.keys()
+    worst = max(relative_error(actual[n], expected[n]) for n in expected)
+    assert worst < tol, worst
+    if m_bptt is not None and m_mrbp is not None:
+        assert (m_bptt.grad is None) == (m_mrbp.grad is None)
+        if m_bptt.grad is not None and m_mrbp.grad is not None:
+            assert relative_error(m_mrbp.grad, m_bptt.grad) < tol
+    return BPTTAndMRBP(
+        expected,
+        actual,
+        None if m_bptt is None else m_bptt.grad,
+        None if m_mrbp is None else m_mrbp.grad,
+    )
 
 
 class LiveSavedBytes:
