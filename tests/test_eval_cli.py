@@ -23,7 +23,7 @@ import pytest
 import torch
 from testing_utils import TINY_CLI, run, tiny_model
 
-from memformer_fast.app import training
+from memformer_fast.app import disk
 from memformer_fast.app.data import PAD, ByteData, RolloutInputs, align_documents, rollout_inputs
 from memformer_fast.app.evaluation import CARRIED, RESET, evaluate_documents, token_nll
 from memformer_fast.app.training import Trainer, TrainSettings, load_checkpoint, resumed_settings
@@ -296,7 +296,7 @@ def test_eval_json_path_is_checked_first_and_written_atomically(
         path.write_bytes(bytes(data[:10]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(training, "_write_file", full_disk)
+    monkeypatch.setattr(disk, "write_file", full_disk)
     again = tmp_path / "full" / "report.json"
     code, _, err = run(capsys, *args, "--json", str(again))
     assert code == 2 and "could not write --json" in err and "No space left on device" in err

@@ -4,7 +4,6 @@ signals, divergence, interrupted evaluations, corrupted and hand-edited checkpoi
 from __future__ import annotations
 
 import errno
-import math
 import os
 import signal
 import subprocess
@@ -18,12 +17,11 @@ import pytest
 import torch
 from testing_utils import CLI_TEXT, TINY_CLI, run
 
-from memformer_fast.app import training
-from memformer_fast.app.errors import CheckpointWarning, UserError
+from memformer_fast.app import disk
+from memformer_fast.app.errors import UserError
 from memformer_fast.app.training import (
     Trainer,
     TrainSettings,
-    checksum,
     load_checkpoint,
     resumed_settings,
 )
@@ -98,8 +96,8 @@ def test_read_only_out_fails_at_start(corpus: Path, tmp_path: Path) -> None:
 def test_too_little_free_space_fails_at_start(
     capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    real = training.shutil.disk_usage
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
+    real = disk.shutil.disk_usage
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: real(p)._replace(free=64 * 1024))
     code, out, err = run(capsys, "train", str(corpus), "--out", str(tmp_path / "o"), *TINY)
     one_line_error(code, err, "0.1 MiB free, a checkpoint needs about")
     assert "step" not in out
@@ -107,9 +105,9 @@ def test_too_little_free_space_fails_at_start(
 
 
 def full_disk_after(saves: int) -> Callable[[Path, memoryview], None]:
-    """A ``_write_file`` that works ``saves`` times, then writes half and fails like a full
+    """A ``disk.write_file`` that works ``saves`` times, then writes half and fails like a full
     disk."""
-    real, calls = training._write_file, []
+    real, calls = disk.write_file, []
 
     def write(path: Path, data: memoryview) -> None:
         calls.append(path)
@@ -126,7 +124,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(
     capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path, monkeypatch
 ) -> None:
     out = tmp_path / "run"
-    monkeypatch.setattr(training, "_write_file", full_disk_after(1))
+    monkeypatch.setattr(disk, "write_file", full_disk_after(1))
     code, _, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY, "--steps", "4",
                        "--save-every", "2", "--eval-every", "100")  # fmt: skip
     one_line_error(code, err, "could not save", "(step 4)", "No space left on device",
@@ -141,7 +139,7 @@ def test_read_only_mid_run_says_nothing_was_written(
     def read_only(path: Path, data: memoryview) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(training, "_write_file", read_only)
+    monkeypatch.setattr(disk, "write_file", read_only)
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY, "--steps", "2")
     one_line_error(code, err, "Read-only file system", "no checkpoint was written")
@@ -158,7 +156,7 @@ def test_save_interrupted_mid_write_leaves_no_temp_file(tmp_path: Path, monkeypa
         path.write_bytes(bytes(data[:100]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_write_file", interrupted)
+    monkeypatch.setattr(disk, "write_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.save(path)
     assert path.read_bytes() == before and leftovers(tmp_path) == []
@@ -355,7 +353,6 @@ def test_divergence_keeps_the_last_checkpoint(
 def small_trainer(steps: int) -> Trainer:
     from memformer_fast import MemformerConfig
     from memformer_fast.app.data import VOCAB_SIZE, ByteData
-    from memformer_fast.app.training import TrainSettings
 
     cfg = MemformerConfig(
         vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
@@ -463,6 +460,8 @@ HAND_EDITS = {
     "grad-clip": (edit("grad_clip", {"running_norm": -1.0}),
                   "grad_clip: state['running_norm'] must be None or a finite float >= 0"),
     "grad-clip-changed": (edit("grad_clip", {"running_norm": 0.5}), "do not match their checksum"),
+    "checksum-missing": (lambda c: c.pop("checksum"), "is incomplete: missing checksum"),
+    "grad-clip-missing": (lambda c: c.pop("grad_clip"), "is incomplete: missing grad_clip"),
 }  # fmt: skip
 
 
@@ -476,43 +475,6 @@ def test_hand_edited_checkpoints_are_refused(saved: Path, tmp_path: Path, case: 
     with pytest.raises(UserError) as info:
         load_checkpoint(bad)
     assert says in str(info.value) and str(bad) in str(info.value)
-
-
-def test_checkpoint_without_checksum_loads_with_a_warning(
-    saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], corpus: Path
-) -> None:
-    """Checkpoints written before checksums: verified against the zip CRCs, with a warning."""
-    ckpt = torch.load(saved, weights_only=True)
-    del ckpt["checksum"], ckpt["pending_eval"]
-    old = tmp_path / "old" / "checkpoint.pt"
-    old.parent.mkdir()
-    torch.save(ckpt, old)
-    with pytest.warns(CheckpointWarning, match="has no checksum"):
-        assert load_checkpoint(old)["step"] == 2
-    code, _, err = run(capsys, "generate", str(old), "--max-bytes", "3")
-    assert code == 0 and "warning: " in err and "has no checksum" in err and "Traceback" not in err
-    corrupt = tmp_path / "old-corrupt.pt"
-    flip_tensor_bytes(old, corrupt)
-    with pytest.raises(UserError, match="fails its zip CRC check"):
-        load_checkpoint(corrupt)
-
-
-def test_checkpoint_from_before_spike_clipping_resumes_with_the_fixed_limit(
-    saved: Path, tmp_path: Path
-) -> None:
-    """Checkpoints written before SpikeClip have no ``grad_clip`` state nor ``grad_clip_factor``
-    setting (and their checksum covers neither): they load, and resume as they were trained."""
-    ckpt = torch.load(saved, weights_only=True)
-    del ckpt["grad_clip"], ckpt["settings"]["grad_clip_factor"]
-    ckpt["checksum"] = checksum(ckpt)
-    old = tmp_path / "checkpoint.pt"
-    torch.save(ckpt, old)
-    loaded = load_checkpoint(old)
-    settings = resumed_settings(loaded, {})
-    assert settings.grad_clip_factor == 0.0
-    resumed = Trainer.resume(loaded, small_trainer(2).data, settings)
-    assert resumed.clip.limit == 1.0 and math.isinf(resumed.clip.factor)
-    assert TrainSettings().grad_clip_factor == 4.0
 
 
 def test_checkpoint_of_step_zero_loads(tmp_path: Path) -> None:

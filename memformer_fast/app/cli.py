@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,10 +27,12 @@ import torch
 from .. import __version__
 from ..config import ARCHITECTURES, BACKENDS, MemformerConfig
 from ..presets import preset
+from .checkpoint import CHECKPOINT_NAME
 from .data import VOCAB_SIZE, ByteData, load_documents
 from .demo import SIZES
-from .errors import CheckpointWarning, UserError
-from .training import CHECKPOINT_NAME, Stopped, TrainSettings, _signals_stop
+from .errors import UserError
+from .settings import TrainSettings
+from .signals import Stopped, signals_deferred, signals_stop
 
 PROG = "memformer-fast"
 
@@ -260,7 +261,7 @@ def _byte_data(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import check_output_dir, output_dir_locked
+    from .disk import check_output_dir, output_dir_locked
 
     device = _device(args.device)
     _set_threads(args.threads)
@@ -272,13 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, device: str, out: Path) -> int:
     """``train`` on ``out``, which this process holds (:func:`cmd_train`)."""
-    from .training import (
-        Trainer,
-        check_output_dir,
-        load_checkpoint,
-        resumed_config,
-        resumed_settings,
-    )
+    from .checkpoint import load_checkpoint
+    from .disk import check_output_dir
+    from .settings import resumed_config, resumed_settings
+    from .training import Trainer
 
     path = out / CHECKPOINT_NAME
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k) is not None}
@@ -337,8 +335,8 @@ def _train(args: argparse.Namespace, device: str, out: Path) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    from .checkpoint import load_checkpoint, model_from_checkpoint
     from .evaluation import evaluate_documents, format_evaluation
-    from .training import load_checkpoint, model_from_checkpoint
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -395,7 +393,7 @@ def _say(text: str) -> None:
 def _check_json_path(text: str) -> Path:
     """``--json``: a file that can be written (its folder may not exist yet), checked before the
     evaluation, not after it."""
-    from .training import check_output_dir
+    from .disk import check_output_dir
 
     path = Path(text)
     if path.is_dir():
@@ -410,28 +408,28 @@ def _check_json_path(text: str) -> Path:
 def _write_atomically(path: Path, data: bytes, flag: str) -> None:
     """Write ``data`` to ``path`` through a temporary file in its folder, renamed over it once
     complete: a full disk or a signal never leaves a partial file."""
-    from .training import _os_reason, _signals_deferred, _write_file
+    from .disk import os_reason, write_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with _signals_deferred():
+        with signals_deferred():
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                _write_file(tmp, memoryview(data))
+                write_file(tmp, memoryview(data))
                 os.replace(tmp, path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
     except OSError as error:
-        raise UserError(f"could not write {flag} {path}: {_os_reason(error, flag)}") from None
+        raise UserError(f"could not write {flag} {path}: {os_reason(error, flag)}") from None
 
 
 # ------------------------------------------------------------------------------------ generate
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
     from .evaluation import stream_bytes
-    from .training import load_model
 
     device = _device(args.device)
     # One token at a time is too little work to split across threads: one is fastest on a CPU.
@@ -873,28 +871,17 @@ def signal_name(signum: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``memformer-fast``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", CheckpointWarning)
-        showwarning = warnings.showwarning
-
-        def show(message, category, *rest, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            if issubclass(category, CheckpointWarning):
-                print(f"{PROG} {args.command}: warning: {message}", file=sys.stderr)
-            else:
-                showwarning(message, category, *rest, **kwargs)
-
-        warnings.showwarning = show
-        try:
-            with _signals_stop():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
-                return int(args.func(args))
-        except UserError as error:
-            print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as stop:
-            signum = stop.signum if isinstance(stop, Stopped) else 2
-            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-                print(f"\n{PROG} {args.command}: {signal_name(signum)}", file=sys.stderr)
-            return 128 + signum
+    try:
+        with signals_stop():  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+            return int(args.func(args))
+    except UserError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else 2
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"\n{PROG} {args.command}: {signal_name(signum)}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

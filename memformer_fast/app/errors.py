@@ -8,6 +8,7 @@ class UserError(Exception):
     and how to fix it; the CLI prints it on one line and exits with status 2."""
 
 
-class CheckpointWarning(UserWarning):
-    """A checkpoint loads, but something about it deserves a word (no checksum: written by an
-    older version)."""
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 from ..hf import MemformerForCausalLM, byte_tokenizer
+from .checkpoint import load_model
 from .data import VOCAB_SIZE
-from .errors import UserError
-from .training import _first_line, _os_reason, _signals_deferred, check_output_dir, load_model
+from .disk import check_output_dir, os_reason
+from .errors import UserError, first_line
+from .signals import signals_deferred
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -44,15 +46,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
         partial.mkdir(parents=True)
         MemformerForCausalLM.from_memformer(model).save_pretrained(partial)
         byte_tokenizer().save_pretrained(partial)
-        with _signals_deferred():
+        with signals_deferred():
             os.replace(partial, out)  # out is absent or an empty folder
     except OSError as error:
         raise UserError(
-            f"could not write {out}: {_os_reason(error, 'output folder')}; nothing was written"
+            f"could not write {out}: {os_reason(error, 'output folder')}; nothing was written"
         ) from None
     except Exception as error:  # safetensors' own errors (a full disk, ...)
         raise UserError(
-            f"could not write {out}: {_first_line(error)}; nothing was written"
+            f"could not write {out}: {first_line(error)}; nothing was written"
         ) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)

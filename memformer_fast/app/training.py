@@ -1,4 +1,8 @@
-"""Byte-level language modelling with MRBP: the settings, the training loop and checkpoints.
+"""Byte-level language modelling with MRBP: the training loop (:class:`Trainer`).
+
+Its settings (:mod:`.settings`), checkpoints (:mod:`.checkpoint`), stop signals (:mod:`.signals`)
+and output folder (:mod:`.disk`) have modules of their own; the names the command line and the
+tests use are importable from here too.
 
 The data (:mod:`memformer_fast.app.data`) is read in rollouts that continue where the previous
 one stopped, and the memory is carried from one rollout to the next (reset when the streams wrap
@@ -17,20 +21,12 @@ held-out files with the memory carried and reset, and by position in the file.
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import io
 import math
 import os
-import shutil
 import signal
-import socket
-import tempfile
-import threading
 import time
-import warnings
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,91 +35,41 @@ import torch
 from torch import Tensor
 
 from .. import mrbp
-from ..clipping import DEFAULT_FACTOR, SpikeClip
+from ..clipping import SpikeClip
 from ..config import MemformerConfig
 from ..model import Memformer
+from . import disk
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    capture_rng,
+    checksum,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    restore_rng,
+)
 from .data import ByteData, RolloutInputs, rollout_inputs, streams
-from .errors import CheckpointWarning, UserError
+from .errors import UserError, first_line
 from .evaluation import token_nll
+from .settings import TrainSettings, resumed_config, resumed_settings
+from .signals import Stopped, signals_deferred, signals_stop
 
-CHECKPOINT_FORMAT = "memformer_fast.checkpoint/1"
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-# Signals that stop training like Ctrl-C: a checkpoint of the last completed step is saved.
-# SIGTERM is how schedulers (Slurm, Kubernetes) stop jobs; SIGHUP comes when the terminal closes.
-STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
-
-
-class Stopped(KeyboardInterrupt):
-    """Raised in the main thread by SIGTERM or SIGHUP during :meth:`Trainer.train` (a
-    KeyboardInterrupt, so every handler for Ctrl-C handles it too)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# ------------------------------------------------------------------------------------ settings
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines a training run besides the data and the model's shape."""
-
-    batch_size: int = 8
-    segments: int = 4  # segments per MRBP rollout
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # the fixed limit of the gradient norm (0: none)
-    grad_clip_factor: float = DEFAULT_FACTOR  # and this many times the recent norms' mean (0: off)
-    eval_every: int = 200
-    eval_bytes: int = 65536
-    save_every: int = 200
-    val_fraction: float = 0.05
-    seed: int = 0
-    reset_at_file_boundaries: bool = False  # each file starts a segment with a fresh memory
-    memory_reset_every_segment: bool = False  # the no-memory baseline
-    compile: bool = False  # each segment's step through torch.compile (mrbp.backward(compile=))
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "segments", "eval_every", "eval_bytes", "save_every"):
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.steps < 0 or self.warmup_steps < 0:
-            raise UserError("--steps and --warmup-steps must be >= 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not (self.grad_clip_factor == 0 or self.grad_clip_factor >= 1):
-            raise UserError(
-                f"--grad-clip-factor must be 0 (off) or >= 1, got {self.grad_clip_factor}"
-            )
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then constant: the schedule does not depend on ``steps``, so a run
-        can be extended by resuming with a larger ``--steps``."""
-        return self.lr * min(1.0, (step + 1) / max(1, self.warmup_steps))
-
-
-# Settings that fix how the data is laid out and what is trained: a resumed run must keep them.
-DATA_LAYOUT = (
-    "batch_size",
-    "segments",
-    "val_fraction",
-    "reset_at_file_boundaries",
-    "memory_reset_every_segment",
-)
-
-
-# ----------------------------------------------------------------------------------- trainer
+# The names the command line and the tests import from here; each is defined in the module of
+# its job (settings, checkpoint, signals, disk).
+__all__ = [
+    "CHECKPOINT_NAME",
+    "EvalResult",
+    "Stopped",
+    "TrainSettings",
+    "Trainer",
+    "checksum",
+    "load_checkpoint",
+    "load_model",
+    "model_from_checkpoint",
+    "resumed_config",
+    "resumed_settings",
+]
 
 
 @dataclass
@@ -162,7 +108,7 @@ class Trainer:
         torch.manual_seed(settings.seed)
         model = Memformer(config).to(device)
         trainer = cls(model, _optimizer(model, settings), data, settings)
-        trainer.rng_state = _capture_rng(model.device)
+        trainer.rng_state = capture_rng(model.device)
         return trainer
 
     # -------------------------------------------------------------------------- checkpoints
@@ -205,10 +151,10 @@ class Trainer:
         torch.save(self.state_dict(), buffer)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            with _signals_deferred():  # a signal mid-write would leave the temporary file
+            with signals_deferred():  # a signal mid-write would leave the temporary file
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    _write_file(tmp, buffer.getbuffer())
+                    disk.write_file(tmp, buffer.getbuffer())
                     os.replace(tmp, path)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
@@ -220,7 +166,7 @@ class Trainer:
                 else "no checkpoint was written"
             )
             raise UserError(
-                f"could not save {path} (step {self.step}): {_os_reason(error)}; {kept}"
+                f"could not save {path} (step {self.step}): {disk.os_reason(error)}; {kept}"
             ) from None
         self.saved_step = self.step
         return path
@@ -256,9 +202,7 @@ class Trainer:
             optimizer = _optimizer(model, settings)
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise UserError(
-                f"{where} does not match its own config: {_first_line(error)}"
-            ) from None
+            raise UserError(f"{where} does not match its own config: {first_line(error)}") from None
         trainer = cls(
             model,
             optimizer,
@@ -268,12 +212,11 @@ class Trainer:
             memory=None if memory is None else memory.to(model.device),
             history=list(ckpt["history"]),
             rng_state=ckpt["rng"],
-            pending_eval=ckpt.get("pending_eval"),
+            pending_eval=ckpt["pending_eval"],
             saved_step=int(ckpt["step"]),
         )
-        if "grad_clip" in ckpt:  # older checkpoints clipped at the fixed limit only
-            trainer.clip.load_state_dict(ckpt["grad_clip"])
-        _restore_rng(trainer.rng_state, model.device)
+        trainer.clip.load_state_dict(ckpt["grad_clip"])
+        restore_rng(trainer.rng_state, model.device)
         return trainer
 
     # ----------------------------------------------------------------------------- training
@@ -334,7 +277,7 @@ class Trainer:
             resets=inputs.resets,
             compile=self.settings.compile,
         )
-        with _signals_deferred():  # the commit is all or nothing, even under Ctrl-C or SIGTERM
+        with signals_deferred():  # the commit is all or nothing, even under Ctrl-C or SIGTERM
             norm = self.clip(self.model.parameters())  # a non-finite norm leaves clip as it was
             if not bool(torch.isfinite(norm)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -344,7 +287,7 @@ class Trainer:
             self.optimizer.step()
             self.memory = result.memory
             self.step += 1
-            self.rng_state = _capture_rng(self.model.device)
+            self.rng_state = capture_rng(self.model.device)
         return float(result.loss)
 
     @torch.no_grad()
@@ -418,7 +361,7 @@ class Trainer:
         tokens, seconds = 0, 0.0
         self.stop_signal = None
         try:
-            with _signals_stop() as stop_request:
+            with signals_stop() as stop_request:
                 try:
                     if self.pending_eval is not None:
                         bpb = self._finish_eval(say)
@@ -463,470 +406,11 @@ class Trainer:
         else:
             kept = f"the last finite step is {self.step}"
         return (
-            f"training diverged: {_first_line(error)}; {kept}. Try a lower --lr (now "
+            f"training diverged: {first_line(error)}; {kept}. Try a lower --lr (now "
             f"{self.settings.lr:g}) or a longer warm-up (--warmup-steps, now "
             f"{self.settings.warmup_steps}), then --resume"
         )
 
 
-def resumed_config(ckpt: dict[str, Any], overrides: dict[str, Any]) -> MemformerConfig:
-    """The checkpoint's model config; ``overrides`` (what the user asked for explicitly) must
-    agree with it."""
-    config = MemformerConfig.from_dict(ckpt["config"])
-    for name, value in overrides.items():
-        if getattr(config, name) != value:
-            raise UserError(
-                f"{ckpt['path']} was trained with {name}={getattr(config, name)!r}, not "
-                f"{value!r}: drop that flag to resume, or start a new run with another --out"
-            )
-    return config
-
-
-def resumed_settings(ckpt: dict[str, Any], overrides: dict[str, Any]) -> TrainSettings:
-    """The checkpoint's settings updated with ``overrides``; the data layout may not change."""
-    saved = {**asdict(TrainSettings()), **ckpt["settings"]}  # older checkpoints lack new fields
-    if "grad_clip_factor" not in ckpt["settings"]:  # clipped at the fixed limit only
-        saved["grad_clip_factor"] = 0.0
-    for name in DATA_LAYOUT:
-        if name in overrides and overrides[name] != saved[name]:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{ckpt['path']} was trained with {flag} {saved[name]}, not {overrides[name]}: "
-                f"drop {flag} to resume"
-            )
-    saved.update(overrides)
-    return TrainSettings(**saved)
-
-
 def _optimizer(model: Memformer, settings: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a checkpoint (tensors and plain data only: no code runs on load).
-
-    Every field is validated (config, settings, step, model and optimizer tensors finite, the
-    memory's shape, dtype and values, the random state, the history), then the contents are
-    compared with the checksum written with them. A checkpoint written before checksums existed
-    is verified against its zip CRCs instead, with a :class:`CheckpointWarning`.
-
-    Raises:
-        UserError: no file, not a checkpoint, or a corrupted or hand-edited one; the message
-            names what is wrong.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(
-            f"{path} is not a readable checkpoint (corrupt or truncated?): {_first_line(error)}"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a memformer-fast checkpoint ({CHECKPOINT_FORMAT})")
-    required = {"config", "settings", "data", "step", "model", "optimizer", "memory", "rng"}
-    missing = (required | {"history"}) - set(ckpt)
-    if missing:
-        raise UserError(f"{path} is incomplete: missing {', '.join(sorted(missing))}")
-    try:
-        config = MemformerConfig.from_dict(ckpt["config"])
-        TrainSettings(**ckpt["settings"])
-    except (TypeError, ValueError, AttributeError, KeyError, UserError) as error:
-        raise UserError(f"{path} has an invalid config: {_first_line(error)}") from None
-    problem = _invalid_field(ckpt, config)
-    if problem:
-        raise UserError(f"{path} is invalid (hand-edited or corrupted?): {problem}")
-    if "checksum" in ckpt:
-        problem = verify_checksum(ckpt)
-        if problem:
-            raise UserError(
-                f"{path} is corrupted: {problem} (the file changed after it was written); "
-                "restore a copy or start a new run"
-            )
-    else:
-        bad = _zip_crc_failure(path)
-        if bad:
-            raise UserError(f"{path} is corrupted: {bad} fails its zip CRC check")
-        warnings.warn(
-            f"{path} has no checksum (written by an older version): checked against its zip "
-            "CRCs only; the next save adds one",
-            CheckpointWarning,
-            stacklevel=2,
-        )
-    ckpt["path"] = str(path)
-    return ckpt
-
-
-def _invalid_field(ckpt: dict[str, Any], config: MemformerConfig) -> str | None:
-    """What is wrong with the fields of a loaded checkpoint, or None."""
-    step = ckpt["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        return f"step must be an int >= 0, got {step!r}"
-    data = ckpt["data"]
-    if not (isinstance(data, dict) and all(isinstance(data.get(k), int) for k in DATA_KEYS)):
-        return f"data must be a dict with int fields {list(DATA_KEYS)}, got {data!r}"
-    for name in ("model", "optimizer"):
-        tensors = _tensors(ckpt[name], name)
-        if not isinstance(ckpt[name], dict) or (name == "model" and not tensors):
-            return f"{name} must be a state dict of tensors"  # (no optimizer state before step 1)
-        for where, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"{where} is not finite"
-    if not isinstance(ckpt["optimizer"].get("param_groups"), list):
-        return "optimizer has no param_groups"
-    memory = ckpt["memory"]
-    if memory is not None:
-        c = config
-        if not isinstance(memory, Tensor):
-            return f"memory must be a tensor or None, got {type(memory).__name__}"
-        if memory.dim() != 3 or list(memory.shape[1:]) != [c.n_memory_slots, c.d_model]:
-            return (
-                f"memory must have shape [B, {c.n_memory_slots}, {c.d_model}] (batch, slots, "
-                f"width), got {list(memory.shape)}"
-            )
-        if memory.dtype != c.memory_dtype:
-            return f"memory must have dtype {c.memory_dtype}, got {memory.dtype}"
-        if not bool(torch.isfinite(memory).all()):
-            return "memory is not finite"
-    problem = _invalid_rng(ckpt["rng"])
-    if problem:
-        return problem
-    if "grad_clip" in ckpt:
-        try:
-            SpikeClip().load_state_dict(ckpt["grad_clip"])
-        except ValueError as error:
-            return f"grad_clip: {error}"
-    history = ckpt["history"]
-    entry_keys = {"step", "train_loss", "bits_per_byte"}
-    if not isinstance(history, list) or not all(
-        isinstance(h, dict) and set(h) == entry_keys for h in history
-    ):
-        return f"history must be a list of dicts with keys {sorted(entry_keys)}"
-    pending = ckpt.get("pending_eval")
-    if pending is not None and not (
-        isinstance(pending, dict) and set(pending) == {"step", "train_loss"}
-    ):
-        return "pending_eval must be None or a dict with keys ['step', 'train_loss']"
-    return None
-
-
-def _invalid_rng(rng: object) -> str | None:
-    """What is wrong with a saved random state, or None (tried on a scratch generator)."""
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), Tensor):
-        return "rng must be a dict holding the 'torch' generator state"
-    for key, state in rng.items():
-        if key not in ("torch", "cuda") or not isinstance(state, Tensor):
-            return f"rng has an unexpected entry {key!r}"
-        if state.dtype != torch.uint8 or state.dim() != 1:
-            return f"rng[{key!r}] must be a 1-D uint8 tensor, got {state.dtype} {list(state.shape)}"
-    try:
-        torch.Generator().set_state(rng["torch"])
-    except RuntimeError as error:
-        return f"rng['torch'] is not a CPU generator state: {_first_line(error)}"
-    return None
-
-
-DATA_KEYS = ("bytes", "crc32")
-
-
-def _tensors(obj: object, prefix: str) -> dict[str, Tensor]:
-    """Every tensor inside nested dicts/lists/tuples, by path (``model/embed.weight``)."""
-    found: dict[str, Tensor] = {}
-
-    def walk(where: str, value: object) -> None:
-        if isinstance(value, Tensor):
-            found[where] = value
-        elif isinstance(value, dict):
-            for key in sorted(value, key=str):
-                walk(f"{where}/{key}", value[key])
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(f"{where}/{i}", item)
-
-    walk(prefix, obj)
-    return found
-
-
-def _plain_fields(obj: object, prefix: str, out: list[str]) -> None:
-    """``path=repr`` of every non-tensor leaf (lists and dict keys in a stable order)."""
-    if isinstance(obj, Tensor):
-        return
-    if isinstance(obj, dict):
-        for key in sorted(obj, key=str):
-            _plain_fields(obj[key], f"{prefix}/{key}", out)
-    elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            _plain_fields(item, f"{prefix}/{i}", out)
-    else:
-        out.append(f"{prefix}={obj!r}")
-
-
-def _tensor_digest(t: Tensor) -> str:
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-CHECKED_FIELDS = ("config", "settings", "data", "step", "model", "optimizer", "memory", "rng",
-                  "history", "pending_eval")  # fmt: skip
-LATER_CHECKED_FIELDS = ("grad_clip",)  # checked when present: older checksums do not cover them
-
-
-def checksum(state: dict[str, Any]) -> dict[str, Any]:
-    """sha256 of every tensor of a checkpoint (by path) and one of all its other fields."""
-    fields = {k: state.get(k) for k in CHECKED_FIELDS}
-    fields.update({k: state[k] for k in LATER_CHECKED_FIELDS if k in state})
-    plain: list[str] = []
-    _plain_fields(fields, "", plain)
-    return {
-        "algorithm": "sha256",
-        "tensors": {k: _tensor_digest(t) for k, t in _tensors(fields, "").items()},
-        "fields": hashlib.sha256("\n".join(plain).encode()).hexdigest(),
-    }
-
-
-def verify_checksum(ckpt: dict[str, Any]) -> str | None:
-    """What does not match the checksum stored in ``ckpt``, or None."""
-    stored = ckpt["checksum"]
-    if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
-        return "its checksum entry is malformed"
-    actual = checksum(ckpt)
-    expected_tensors = stored.get("tensors")
-    if not isinstance(expected_tensors, dict):
-        return "its checksum entry is malformed"
-    for where in sorted(set(actual["tensors"]) | set(expected_tensors)):
-        if actual["tensors"].get(where) != expected_tensors.get(where):
-            return f"tensor {where.lstrip('/')} does not match its sha256 checksum"
-    if actual["fields"] != stored.get("fields"):
-        return "its fields (step, config, settings, history, ...) do not match their checksum"
-    return None
-
-
-def _zip_crc_failure(path: Path) -> str | None:
-    """The first member of the checkpoint's zip whose CRC fails, or None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        return f"the archive ({_first_line(error)})"
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu") -> Memformer:
-    """The model of a checkpoint (a file, or a folder holding ``checkpoint.pt``), in eval mode."""
-    return model_from_checkpoint(load_checkpoint(path), device)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu") -> Memformer:
-    """The model of a checkpoint loaded by :func:`load_checkpoint`, in eval mode."""
-    model = Memformer(MemformerConfig.from_dict(ckpt["config"])).to(device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise UserError(
-            f"{ckpt['path']} does not match its own config: {_first_line(error)}"
-        ) from None
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------ randomness
-
-
-def _capture_rng(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the body has finished, then deliver the first one
-    caught to the handler in force before (main thread only: signals never arrive elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in
-                STOP_SIGNALS}  # fmt: skip
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:  # delivered again, now that the handlers in force before are back
-        signal.raise_signal(caught[0])
-
-
-class StopRequest:
-    """What the body of :func:`_signals_stop` sees of the stop signals: the first one received.
-
-    Signals after the first are ignored, so a second one (a scheduler re-sending SIGTERM, a second
-    Ctrl-C) cannot kill the process in the middle of the save on the way out.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def raise_if_dropped(self) -> None:
-        """Raise the first signal's exception again if it never reached the body.
-
-        A handler that runs inside a finalizer (``__del__``, a weakref or GC callback) has its
-        exception printed as "Exception ignored" and dropped; the signal is then ignored like a
-        second one and the loop would run on. The body calls this between steps.
-        """
-        if self.signum is not None:
-            raise _stop_exception(self.signum)
-
-
-def _stop_exception(signum: int) -> KeyboardInterrupt:
-    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
-
-
-@contextlib.contextmanager
-def _signals_stop() -> Iterator[StopRequest]:
-    """In the body, SIGTERM and SIGHUP raise :class:`Stopped`, handled like Ctrl-C (main thread
-    only), and Ctrl-C raises ``KeyboardInterrupt``; the signals after the first are ignored (see
-    :class:`StopRequest`)."""
-    request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        if request.signum is not None:
-            return  # already stopping: let the save on the way out finish
-        request.signum = signum
-        raise _stop_exception(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _write_file(path: Path, data: memoryview) -> None:
-    """Write ``data`` to a new file at ``path`` and force it to disk (OSError on failure)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _os_reason(error: OSError, flag: str = "--out") -> str:
-    """One line for an OSError: its errno's text, and a hint for the usual suspects."""
-    reason = error.strerror or _first_line(error)
-    if error.errno == errno.ENOSPC:
-        reason += f" (free some space, or choose another {flag})"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        reason += f" (choose a writable {flag})"
-    return reason
-
-
-LOCK_NAME = ".lock"
-
-
-@contextlib.contextmanager
-def output_dir_locked(out: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``out`` for one ``train`` run: an exclusive ``flock`` on ``out/.lock``, which names
-    its holder. A second run on the same folder fails at once with a :class:`UserError` saying
-    who holds it, instead of training next to the first and mistaking its checkpoints for its
-    own. The kernel releases the lock when the process ends, however it ends; on the way out the
-    lock file is removed, and the folder too when the lock made it and it is still empty.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS: no lock
-        yield Path(out)
-        return
-    out = Path(out)
-    made = [p for p in (out, *out.absolute().parents) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_NAME
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            _remove_empty(made)
-            raise UserError(
-                f"--out {out} is in use by another train run ({holder}): wait for it to finish, "
-                "or choose another --out"
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # not a file its last holder removed while this one waited to open it
-            break
-        os.close(fd)
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode())
-    try:
-        yield out
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
-        _remove_empty(made)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (innermost first) where they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def check_output_dir(out: str | os.PathLike, needed_bytes: int = 0, flag: str = "--out") -> Path:
-    """Make sure ``out`` is (or can be made) a folder where a checkpoint can be written, with
-    about ``needed_bytes`` free: checked when a run starts, not when its first save fails.
-    Creates nothing. ``flag`` names the option in the messages.
-
-    Raises:
-        UserError: ``out`` is a file, cannot be created or written, or its disk is too full.
-    """
-    out = Path(out)
-    # The folder is created by the first save; until then, probe the nearest existing ancestor
-    # (a probe leaves nothing behind).
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {out}: {existing} is a file, not a folder: choose a folder")
-    try:
-        if existing == out:
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
-                probe.write(b"x")
-                probe.flush()
-        else:
-            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
-    except OSError as error:
-        raise UserError(f"{flag} {out} cannot be written: {_os_reason(error, flag)}") from None
-    free = shutil.disk_usage(existing).free
-    if free < needed_bytes:
-        raise UserError(
-            f"{flag} {out} has {free / 2**20:.1f} MiB free, a checkpoint needs about "
-            f"{needed_bytes / 2**20:.1f} MiB: free some space or choose another {flag}"
-        )
-    return out
