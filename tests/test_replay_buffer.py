@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import relative_error, tiny_model
+from testing_utils import grads, relative_error, tiny_model
 
 import memformer_fast
 from memformer_fast import Memformer, mrbp, replay
@@ -352,7 +352,7 @@ def mrbp_gradients(model: Memformer, ids: torch.Tensor, offload: bool):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(3)
     result = mrbp.backward(model, ids, offload=offload)
-    return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result, grads(model)
 
 
 @pytest.fixture
@@ -399,7 +399,7 @@ def test_mrbp_with_offload_equals_bptt():
     torch.manual_seed(3)
     loss, _ = model.sequence_loss(ids)
     loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    expected = grads(model)
     result, actual = mrbp_gradients(model, ids, offload=True)
     assert relative_error(result.loss, loss) < 1e-5
     assert max(relative_error(actual[n], expected[n]) for n in expected) < 1e-5

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from testing_utils import tiny_model
+from testing_utils import grads, tiny_model
 
 from memformer_fast import functional, mrbp
 from memformer_fast.backends import triton_available
@@ -18,7 +18,7 @@ def test_mrbp_refuses_post_accumulate_grad_hooks() -> None:
     model = tiny_model("decoder")
     ids = torch.randint(0, 23, (2, 15), generator=torch.Generator().manual_seed(0))
     model.sequence_loss(ids)[0].backward()
-    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    before = grads(model)
     calls: list[torch.Tensor] = []
     model.writer.bias.register_post_accumulate_grad_hook(calls.append)
     with pytest.raises(RuntimeError, match=r"parameter 'writer.bias' has a post-accumulate-grad"):
@@ -39,7 +39,7 @@ def test_mrbp_refuses_plain_gradient_hooks() -> None:
     model = tiny_model("decoder")
     ids = torch.randint(0, 23, (2, 15), generator=torch.Generator().manual_seed(0))
     model.sequence_loss(ids)[0].backward()
-    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    before = grads(model)
     calls: list[torch.Tensor] = []
     weight = model.blocks[0].ff[0].weight
     handle = weight.register_hook(lambda g: calls.append(g) or g.clamp(-1e-3, 1e-3))
