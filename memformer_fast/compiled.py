@@ -92,11 +92,12 @@ def check_mode(compile: object, model: Memformer) -> str | None:
     if not isinstance(compile, str) or compile not in MODES:
         raise ValueError(f"compile must be a bool or one of {list(MODES)}, got {compile!r}")
     if compile in ("reduce-overhead", "max-autotune"):
-        if model.training and model.config.dropout > 0:
+        if model.training and model.config.stochastic:
             raise ValueError(
                 f"compile={compile!r} uses CUDA graphs, which would replay one dropout mask "
-                "for every segment (the masks come from a generator of each call, not the "
-                "graph's); use compile=True with dropout, or CUDA graphs with dropout 0 / eval"
+                "(and memory noise) for every segment (they come from a generator of each call, "
+                "not the graph's); use compile=True with dropout or memory_noise, or CUDA graphs "
+                "with both 0 / eval"
             )
         if model.device.type != "cuda":
             raise ValueError(

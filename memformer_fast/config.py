@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,12 @@ class MemformerConfig:
       of 3 (docs/memory_learning.md, items 11-13).
     - ``gate_bias_init=0.0``: the gate starts half open. A closed-leaning gate (-2.0, keeping 88%
       of each old slot) learns as fast but carries recall less far beyond the trained length.
+    - ``memory_noise=0.0``: in training, every slot written gets Gaussian noise whose norm is
+      about ``memory_noise`` (``memory_noise / sqrt(d_model)`` per element) and is renormalised.
+      A memory that only copies a slot forward drifts under the noise and fails within the
+      rollout, so training prefers memories whose slots settle into a state set by what they
+      hold, and those carry recall far beyond the trained length (docs/memory_learning.md).
+      Drawn like dropout's masks: MRBP's gradients stay exact. No noise in eval mode.
     """
 
     vocab_size: int
@@ -73,6 +80,7 @@ class MemformerConfig:
     tie_embeddings: bool = False
     init_std: float | None = None
     embedding_init_std: float = 1.0
+    memory_noise: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_memory_slots", "segment_length")
@@ -106,6 +114,12 @@ class MemformerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MemformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        noise = self.memory_noise
+        number = isinstance(noise, (int, float)) and not isinstance(noise, bool)
+        if not (number and math.isfinite(noise) and noise >= 0):
+            raise ValueError(
+                f"MemformerConfig.memory_noise must be a finite number >= 0, got {noise!r}"
+            )
         if not self.write_temperature > 0:
             raise ValueError(
                 f"MemformerConfig.write_temperature must be > 0, got {self.write_temperature!r}"
@@ -130,6 +144,11 @@ class MemformerConfig:
         for name in ("rope_base", "layer_norm_eps", "bias_init_norm", "embedding_init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"MemformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether training draws random numbers (dropout masks, memory noise)."""
+        return self.dropout > 0 or self.memory_noise > 0
 
     @property
     def head_dim(self) -> int:

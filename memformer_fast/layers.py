@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import functional
+from . import functional, randomness
 from .randomness import Dropout
 
 
@@ -414,9 +414,11 @@ class MemoryWriter(nn.Module):
         eps: float = 1e-5,
         bias_init_norm: float = 0.001,
         gate_bias_init: float = 0.0,
+        noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.n_heads, self.temperature, self.backend = n_heads, temperature, backend
+        self.noise, self.eps = noise, eps
         self.memory_norm = nn.LayerNorm(d_model, eps=eps)
         self.token_norm = nn.LayerNorm(d_model, eps=eps)
         self.q = nn.Linear(d_model, d_model, bias=False)
@@ -483,6 +485,9 @@ class MemoryWriter(nn.Module):
         new = functional.gated_memory_update(
             memory, written, self.bias.to(memory.dtype), gate_logits, backend=self.backend
         )
+        if self.training and self.noise > 0:  # MemformerConfig.memory_noise: norm ~ self.noise
+            noise = randomness.standard_normal_like(new) * (self.noise / new.shape[-1] ** 0.5)
+            new = F.normalize(new + noise, dim=-1, eps=self.eps)
         if token_mask is not None:  # padding-only rows (ends of ragged batches) change nothing
             new = torch.where(token_mask.any(-1)[:, None, None], new, memory)
         return new

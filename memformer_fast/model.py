@@ -94,6 +94,7 @@ class Memformer(nn.Module):
             c.layer_norm_eps,
             c.bias_init_norm,
             c.gate_bias_init,
+            c.memory_noise,
         )
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.init_std, c.embedding_init_std)

@@ -108,6 +108,35 @@ def _(x: Tensor, p: float) -> Tensor:
 _keep_mask_op = torch.ops.memformer_fast.dropout_keep_mask.default
 
 
+def _draw_standard_normal(x: Tensor) -> Tensor:
+    """Standard normal numbers in ``x``'s shape, dtype and device, drawn from the active
+    generator (the global one when none is active): one operator."""
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=_ACTIVE.get())
+
+
+# An opaque op under torch.compile, for the reasons of dropout_keep_mask above.
+_LIBRARY.define(
+    "standard_normal_like(Tensor x) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,)
+)
+_LIBRARY.impl("standard_normal_like", _draw_standard_normal, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("memformer_fast::standard_normal_like", lib=_LIBRARY)
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_standard_normal_op = torch.ops.memformer_fast.standard_normal_like.default
+
+
+def standard_normal_like(x: Tensor) -> Tensor:
+    """``torch.randn_like(x)`` drawn from the generator of the enclosing :func:`seeded` call
+    (the global generator outside one), so a replay draws the same numbers."""
+    if torch.compiler.is_compiling():
+        return _standard_normal_op(x.detach())
+    return _draw_standard_normal(x)
+
+
 # Where ``x * (keep * scale)`` rounds exactly as ``x * keep * scale``: the scale is the same float
 # in the mask as in a scalar multiplication. Half precision multiplies by a Python scalar in float32
 # (opmath) but would round a scale stored in the mask to its own precision (1/0.9 -> 1.109375 in

@@ -142,7 +142,7 @@ def plan_rollout(
     if resets is not None:
         parts["resets_any"] = reads.add(resets.any(0))
     generator = torch.default_generator.get_state()
-    if model.training and model.config.dropout > 0:
+    if model.training and model.config.stochastic:
         parts["seed"] = reads.add(randomness.rollout_seed_tensor())
     try:
         values = reads.read()

@@ -51,10 +51,15 @@ def replay(model, ids, mask, labels, seed=7, **kw):
     return result, grads(model)
 
 
+# The random draws of training: dropout masks, and the memory noise (MemformerConfig.memory_noise).
+RANDOMNESS = {"dropout": dict(dropout=0.1), "memory_noise": dict(dropout=0.0, memory_noise=0.5)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_mrbp_gradients_equal_bptt_with_dropout(arch, dtype, tol):
-    model = make_model(arch, dtype)
+@pytest.mark.parametrize("randomness", list(RANDOMNESS))
+def test_mrbp_gradients_equal_bptt_with_dropout(arch, dtype, tol, randomness):
+    model = make_model(arch, dtype, **RANDOMNESS[randomness])
     ids, mask, labels = rollout(T=8)
     loss, memory, expected = bptt(model, ids, mask, labels)
     result, actual = replay(model, ids, mask, labels)
@@ -67,9 +72,11 @@ def test_mrbp_gradients_equal_bptt_with_dropout(arch, dtype, tol):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_dropout_really_acts_and_is_reproduced(arch):
-    """Dropout changes the gradients (so the equality above is not vacuous)."""
-    model = make_model(arch)
+@pytest.mark.parametrize("randomness", list(RANDOMNESS))
+def test_dropout_really_acts_and_is_reproduced(arch, randomness):
+    """Dropout and the memory noise change the gradients (so the equality above is not
+    vacuous)."""
+    model = make_model(arch, **RANDOMNESS[randomness])
     ids, mask, labels = rollout(T=3)
     _, _, g1 = bptt(model, ids, mask, labels, seed=1)
     _, _, g2 = bptt(model, ids, mask, labels, seed=2)
