@@ -187,8 +187,10 @@ def stream_reach(
 
 # Result folders under benchmarks/results/memory_reach/ and what each holds.
 REACH_GROUPS = {
-    "recipe": "the recipe: mixed rollout lengths (2 to 16), memory bias initialised at norm 0.001",
-    "ablations": "one change from the recipe (or the recipe before this work)",
+    "recipe": "the recipe: mixed rollout lengths (2 or 3 to 16), memory bias initialised at norm "
+    "0.001, memory noise of norm 0.8 in training",
+    "without_noise": "the recipe without the memory noise",
+    "ablations": "one change from the recipe without noise (or from the recipe before this work)",
 }
 
 
