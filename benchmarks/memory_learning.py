@@ -250,7 +250,8 @@ def _changes(r: dict[str, Any]) -> list[str]:
 def _table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| arch | d_model | seed | changed from the defaults | schedule | updates "
-        "| first >= 95% at T=8 | T=8 | T=16 (trained on only in schedules to 16) | T=8, memory reset | time |",
+        "| first >= 95% at T=8 | T=8 | T=16 (trained on only in schedules to 16) "
+        "| T=8, memory reset | time |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["arch"], r["d_model"], r["overrides"], r["seed"])):
@@ -305,7 +306,8 @@ def report(folder: Path) -> None:
         "clipped by `SpikeClip` (at 1.0 and at 4x the running mean of the recent norms; "
         "`spike-factor=0`: at 1.0 only), lr 1e-3 x 64 / d_model (1e-3 at 64, 2.5e-4 at 256) "
         "unless the table says otherwise; a curriculum over the number of segments only "
-        "(`schedule`: updates at a number of segments or a range drawn from), stopped once the T = 8 probe held "
+        "(`schedule`: updates at a number of segments or a range drawn from), stopped once the "
+        "T = 8 probe held "
         ">= 97% twice, at least `--min-final` updates into the last stage (200; 100 for the runs "
         "at lr 3e-3); 256 held-out probes per length, chance 12.5%. "
         '"(stopped)": ended early by hand (CPU budget), the accuracies are those of the model at '
