@@ -8,7 +8,9 @@ written. The command line, the benchmarks and the tests take their models from h
 - ``"byte-lm"``: the model of a new ``memformer-fast train`` run (no ``vocab_size``: the byte
   vocabulary is the application's; ``d_ff`` defaults to ``4 * d_model`` there).
 - ``"recall-small"`` (0.16M parameters) and ``"recall-large"`` (1.1M): the demo's recall models
-  (the task fixes the vocabulary and the architecture).
+  (the task fixes the vocabulary and the architecture), trained with the memory noise that
+  carries recall far beyond the trained length (docs/memory_learning.md, "How far the memory
+  carries").
 - ``"tiny"``: two heads of width 8, two layers each side, reference backend: builds in moments.
 """
 
@@ -71,10 +73,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         backend="auto",
     ),
     "recall-small": dict(
-        d_model=64, n_heads=4, d_ff=256, n_decoder_layers=2, n_memory_slots=8, segment_length=16
+        d_model=64,
+        n_heads=4,
+        d_ff=256,
+        n_decoder_layers=2,
+        n_memory_slots=8,
+        segment_length=16,
+        memory_noise=0.8,
     ),
     "recall-large": dict(
-        d_model=128, n_heads=4, d_ff=512, n_decoder_layers=4, n_memory_slots=16, segment_length=32
+        d_model=128,
+        n_heads=4,
+        d_ff=512,
+        n_decoder_layers=4,
+        n_memory_slots=16,
+        segment_length=32,
+        memory_noise=0.8,
     ),
     "tiny": dict(
         vocab_size=23,
