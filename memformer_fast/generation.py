@@ -1,16 +1,17 @@
-"""Streaming generation in constant memory: key/value caches, :func:`stream` and :func:`generate`.
+"""Streaming generation in constant memory: :class:`SegmentStream`, `stream`, `generate`.
 
 The prompt is cut into segments from its start, as a rollout is cut; complete segments are
 written into the memory and dropped. The segment being generated lives in key/value caches (at
-most ``segment_length`` positions), so each new token costs one position's work. The
-:class:`~memformer_fast.Memformer` methods ``stream`` and ``generate`` call these.
+most ``segment_length`` positions), so each new token costs one position's work.
+:class:`SegmentStream` is that state machine, the only one: the :class:`~memformer_fast.Memformer`
+methods ``stream`` and ``generate`` run it, and the Hugging Face cache
+(:class:`memformer_fast.hf.MemformerCache`) is one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,74 +58,201 @@ def _sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-@dataclass
-class _Stream:
-    """The state of a stream: the memory, the segment being generated and the next logits.
+class SegmentStream:
+    """The streaming state of a model: the memory and what the segment being written holds.
 
-    ``current`` holds the generated segment's tokens (encoder-decoder), ``hidden`` its final
-    hidden states for the writer (decoder), ``caches`` the blocks' key/value caches (the decoder
-    blocks' pairs for the encoder-decoder), ``length`` its length so far.
+    One state machine for :func:`stream` and the Hugging Face cache
+    (:class:`memformer_fast.hf.MemformerCache` subclasses it). Segments are cut from the start of
+    the stream, as a rollout is cut; a complete segment is written into the memory and its caches
+    are dropped, so the state is bounded whatever the length of the text: one position's work per
+    token, constant memory.
+
+    Attributes (all batch-first; ``B`` rows):
+
+    - ``memory``: ``[B, S, D]`` in ``memory_dtype``, the memory before the current segment (None
+      until :meth:`start`);
+    - ``seen``: tokens consumed so far; ``length``: tokens of the current (incomplete) segment,
+      ``0 <= length < segment_length``;
+    - ``block_caches``: one :class:`KVCache` per memory-reading block (decoder architecture);
+    - ``hidden``: the current segment's final hidden states, one ``[B, n, D]`` per call (decoder);
+    - ``segment_ids``, ``masks``: the current segment's tokens ``[B, n]`` and attention masks
+      (None = no padding), one per call;
+    - ``context``, ``context_mask``: the encoder output ``[B, L, D]`` of the last complete segment
+      and its mask (encoder-decoder), None before the first segment is complete;
+    - ``decoder_caches``: a (self, cross) :class:`KVCache` pair per decoder block, holding BOS and
+      the current segment's tokens (encoder-decoder);
+    - ``padded``: the last call had an attention mask: its key/value caches saw padding, so the
+      stream cannot be continued.
     """
 
-    model: Memformer
-    memory: Tensor
-    bos: Tensor
-    context: Tensor | None = None
-    current: Tensor | None = None
-    caches: list = field(default_factory=list)
-    hidden: list[Tensor] = field(default_factory=list)
-    length: int = 0
-    logits: Tensor | None = None
+    def __init__(self) -> None:
+        self.memory: Tensor | None = None
+        self.seen = 0
+        self.length = 0
+        self.block_caches: list[KVCache] = []
+        self.hidden: list[Tensor] = []
+        self.segment_ids: list[Tensor] = []
+        self.masks: list[Tensor | None] = []
+        self.context: Tensor | None = None
+        self.context_mask: Tensor | None = None
+        self.decoder_caches: list[tuple[KVCache, KVCache]] = []
+        self.padded = False
 
-    def prefill(self, prompt_ids: Tensor) -> None:
-        """Read the prompt: write its complete segments, cache the start of the current one."""
-        model, L = self.model, self.model.config.segment_length
-        chunks = list(prompt_ids.split(L, dim=1))
-        # A trailing partial chunk is the start of the segment being generated, except in the
-        # encoder-decoder model when it is the whole prompt: then it is a short context segment.
-        partial = chunks[-1].shape[1] < L and not (model.is_encoder_decoder and len(chunks) == 1)
-        self.current = chunks.pop() if partial else None
-        for chunk in chunks:
-            self.context, self.memory = model.read_segment(chunk, self.memory)
-        self.length = 0 if self.current is None else self.current.shape[1]
-        if model.is_encoder_decoder:
-            assert self.context is not None
-            self.caches = new_caches(model, pairs=True)
-            first = self.bos if self.current is None else torch.cat([self.bos, self.current], 1)
-            self.logits = model.decode(first, self.context, caches=self.caches)[:, -1]
-            return
-        self.caches = new_caches(model)
-        if self.current is not None:
-            self._read_tokens(self.current)
-        else:
-            assert self.context is not None
-            self.logits = model.lm_head(self.context[:, -1])
+    def start(self, model: Memformer, memory: Tensor) -> None:
+        """Begin the stream from ``memory [B, S, D]`` (already checked)."""
+        self.memory = memory
+        self.block_caches = new_caches(model)
 
-    def _read_tokens(self, ids: Tensor) -> None:
-        """Decoder: run the blocks over ``ids`` continuing the cached positions."""
-        model = self.model
-        self.hidden.append(model._run_blocks(ids, self.memory, caches=self.caches))
-        self.logits = model.lm_head(model.norm(self.hidden[-1][:, -1]))
+    def feed(
+        self, model: Memformer, input_ids: Tensor, mask: Tensor | None = None, keep: int = 0
+    ) -> Tensor:
+        """Feed ``input_ids [B, n]`` (ids already checked) through ``model``, updating the state.
 
-    def advance(self, token: Tensor) -> None:
-        """Append ``token [B]``; write the segment into the memory once it is complete."""
-        model, L = self.model, self.model.config.segment_length
-        self.length += 1
-        if not model.is_encoder_decoder:
-            self._read_tokens(token[:, None])
+        Returns the logits ``[B, n, V]`` (the last ``keep`` positions when ``keep > 0``) in the
+        causal LM convention: position ``i`` scores the token that follows ``input_ids[:, i]``.
+        A position the model cannot predict from (the first segment of the encoder-decoder,
+        except its last token) gets NaN logits. ``mask [B, n]`` (bool, None = no padding) is
+        accepted only where a segment starts, and marks the stream as padded.
+
+        The encoder-decoder, whose decoder needs a previous segment, writes a stream's first
+        segment early when a call ends before it is complete (a short prompt is read whole).
+        """
+        if self.memory is None:
+            raise RuntimeError("SegmentStream.feed before start: the stream has no memory")
+        if self.padded:
+            raise ValueError(
+                "this MemformerCache was built from a padded input (attention_mask with zeros): "
+                "its key/value caches include padding, so it cannot be continued; generation "
+                "needs unpadded prompts"
+            )
+        if input_ids.shape[0] != self.memory.shape[0]:
+            raise ValueError(
+                f"input_ids must have the cache's batch size {self.memory.shape[0]}, "
+                f"got {input_ids.shape[0]}"
+            )
+        feed = self._feed_encoder_decoder if model.is_encoder_decoder else self._feed_decoder
+        logits = feed(model, input_ids, mask, keep if keep > 0 else input_ids.shape[1])
+        self.seen += input_ids.shape[1]
+        self.padded = mask is not None
+        return logits
+
+    def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Apply ``fn`` to every batch-first tensor of the state (beam search reorders rows)."""
+
+        def opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else fn(t)
+
+        def kv(cache: KVCache) -> None:
+            cache.k, cache.v = opt(cache.k), opt(cache.v)
+
+        self.memory = opt(self.memory)
+        self.hidden = [fn(h) for h in self.hidden]
+        self.segment_ids = [fn(i) for i in self.segment_ids]
+        self.masks = [opt(m) for m in self.masks]
+        self.context, self.context_mask = opt(self.context), opt(self.context_mask)
+        for block in self.block_caches:
+            kv(block)
+        for self_cache, cross_cache in self.decoder_caches:
+            kv(self_cache)
+            kv(cross_cache)
+
+    def _pieces(
+        self, model: Memformer, input_ids: Tensor, mask: Tensor | None
+    ) -> list[tuple[int, Tensor, Tensor | None]]:
+        """Cut ``input_ids`` at the segment boundaries: ``(start, ids, mask)`` per piece."""
+        if mask is not None and self.length != 0:
+            raise ValueError(
+                "attention_mask with padding is supported only where a segment starts (a fresh "
+                "cache): the cached attention of a continued segment has no key mask"
+            )
+        L = model.config.segment_length
+        pieces, start, room = [], 0, L - self.length
+        while start < input_ids.shape[1]:
+            end = min(start + room, input_ids.shape[1])
+            piece_mask = None if mask is None else mask[:, start:end]
+            pieces.append((start, input_ids[:, start:end], piece_mask))
+            start, room = end, L
+        return pieces
+
+    def _segment_mask(self) -> Tensor | None:
+        """One ``[B, L]`` mask for a segment fed in several calls (None when unpadded)."""
+        if all(m is None for m in self.masks):
+            return None
+        return torch.cat(
+            [
+                torch.ones_like(ids, dtype=torch.bool) if m is None else m
+                for m, ids in zip(self.masks, self.segment_ids)
+            ],
+            dim=1,
+        )
+
+    def _feed_decoder(
+        self, model: Memformer, input_ids: Tensor, mask: Tensor | None, keep: int
+    ) -> Tensor:
+        L, n = model.config.segment_length, input_ids.shape[1]
+        kept: list[Tensor] = []
+        for start, ids, piece_mask in self._pieces(model, input_ids, mask):
+            assert self.memory is not None
+            h = model._run_blocks(ids, self.memory, piece_mask, caches=self.block_caches)
+            self.hidden.append(h)
+            self.masks.append(piece_mask)
+            self.segment_ids.append(ids)
+            self.length += ids.shape[1]
+            first_kept = max(n - keep - start, 0)
+            if first_kept < ids.shape[1]:
+                kept.append(h[:, first_kept:])
             if self.length == L:  # segment complete: write it and start the next one
-                self.memory = model.writer(self.memory, torch.cat(self.hidden, dim=1))
-                self.caches, self.hidden, self.length = new_caches(model), [], 0
-            return
-        step = token[:, None]
-        self.current = step if self.current is None else torch.cat([self.current, step], 1)
-        if self.length == L:  # segment complete: encode and write it, decode the next one
-            self.context, self.memory = model.read_segment(self.current, self.memory)
-            self.current, self.length = None, 0
-            self.caches = new_caches(model, pairs=True)
-            step = self.bos
-        assert self.context is not None
-        self.logits = model.decode(step, self.context, caches=self.caches)[:, -1]
+                hidden = torch.cat(self.hidden, 1)
+                self.memory = model.writer(self.memory, hidden, self._segment_mask())
+                self.block_caches, self.hidden, self.masks = new_caches(model), [], []
+                self.segment_ids, self.length = [], 0
+        return model.decode(None, model.norm(torch.cat(kept, dim=1)))
+
+    def _feed_encoder_decoder(
+        self, model: Memformer, input_ids: Tensor, mask: Tensor | None, keep: int
+    ) -> Tensor:
+        L, n = model.config.segment_length, input_ids.shape[1]
+        outputs: list[tuple[int, Tensor]] = []  # (first position, logits [B, k, V])
+        for start, ids, piece_mask in self._pieces(model, input_ids, mask):
+            completes = self.length + ids.shape[1] == L
+            # The token that completes a segment is predicted from the next segment's BOS.
+            decoded = ids[:, :-1] if completes else ids
+            # The decoder runs where logits are kept, and on a segment left incomplete (to fill
+            # its caches); a prompt's complete segments are only encoded.
+            wanted = start + decoded.shape[1] > n - keep or not completes
+            if self.context is not None and decoded.shape[1] > 0 and wanted:
+                out = model.decode(
+                    decoded, self.context, self.context_mask, caches=self.decoder_caches
+                )
+                outputs.append((start, out))
+            self.segment_ids.append(ids)
+            self.masks.append(piece_mask)
+            self.length += ids.shape[1]
+            if completes:
+                outputs.append((start + ids.shape[1] - 1, self._write_segment(model)))
+        if self.context is None and self.length > 0:  # a stream's short first segment
+            outputs.append((n - 1, self._write_segment(model)))
+        out = outputs[-1][1]  # the last position is always predicted
+        logits = out.new_full((out.shape[0], keep, out.shape[-1]), float("nan"))
+        for start, out in outputs:
+            lo, hi = max(start, n - keep), start + out.shape[1]
+            if lo < hi:
+                logits[:, lo - (n - keep) : hi - (n - keep)] = out[:, lo - start :]
+        return logits
+
+    def _write_segment(self, model: Memformer) -> Tensor:
+        """Encode the current segment, write it into the memory, and start decoding the next one
+        from BOS: returns BOS's logits ``[B, 1, V]`` (the prediction of the next segment's first
+        token)."""
+        assert self.memory is not None
+        segment = torch.cat(self.segment_ids, dim=1)
+        segment_mask = self._segment_mask()
+        self.context, self.memory = model.read_segment(segment, self.memory, segment_mask)
+        self.context_mask = segment_mask
+        self.decoder_caches = new_caches(model, pairs=True)
+        self.segment_ids, self.masks, self.length = [], [], 0
+        bos = segment.new_full((segment.shape[0], 1), model.config.bos_token_id)
+        return model.decode(bos, self.context, segment_mask, caches=self.decoder_caches)
 
 
 @torch.no_grad()
@@ -150,14 +278,14 @@ def stream(
     reads.read()
     if reset is not None and given:
         memory = model.reset_memory(memory, reset)
-    bos = prompt_ids.new_full((prompt_ids.shape[0], 1), model.config.bos_token_id)
-    state = _Stream(model, memory, bos)
-    state.prefill(prompt_ids)
-    for _ in range(max_new_tokens):
-        assert state.logits is not None
-        token = _sample(state.logits.float(), temperature, top_k, generator)
+    state = SegmentStream()
+    state.start(model, memory)
+    logits = state.feed(model, prompt_ids, keep=1)
+    for i in range(max_new_tokens):
+        token = _sample(logits[:, -1].float(), temperature, top_k, generator)
         yield token
-        state.advance(token)
+        if i + 1 < max_new_tokens:  # the last token's logits would be unused
+            logits = state.feed(model, token[:, None], keep=1)
 
 
 def generate(
