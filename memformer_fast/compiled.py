@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import randomness
-from .rollout import Rollout, summed_loss
+from . import rollout as _rollout
+from .rollout import Rollout
 
 if TYPE_CHECKING:  # type hints only: the model imports mrbp, which imports this module
     from .model import Memformer
@@ -52,30 +52,6 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 # context, with the writer or without, or without context) x padded or not x ragged or not x
 # train or eval, per batch size).
 RECOMPILE_LIMIT = 64
-
-
-def _encode(
-    model: Memformer, ids: Tensor, memory: Tensor, mask: Tensor | None, reset: Tensor | None,
-    with_context: bool, with_memory: bool = True,
-) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
-    """One segment's critical path: ``(context [B, L, D] or None, M_{t+1} [B, S, D] or None)``;
-    without ``with_memory`` (a replayed segment whose next memory gets no gradient) the writer
-    does not run."""
-    if reset is not None:
-        memory = model.reset_memory(memory, reset)
-    if not with_context:  # the critical-path pass: the norm of the context would be unused
-        return None, model.writer(memory, model._run_blocks(ids, memory, mask), mask)
-    if not with_memory:
-        return model.norm(model._run_blocks(ids, memory, mask)), None
-    return model.read_segment(ids, memory, mask)
-
-
-def _decode_loss(
-    model: Memformer, decoder_inputs: Tensor | None, context: Tensor, mask: Tensor | None,
-    decoder_mask: Tensor | None, targets: Tensor,
-) -> Tensor:  # fmt: skip
-    """The summed cross-entropy of one segment's targets, from the critical path's context."""
-    return summed_loss(model.decode(decoder_inputs, context, mask, decoder_mask), targets)
 
 
 _GRAPHS: dict[tuple[str, str, str], tuple[Callable[..., Any], Callable[..., Any]]] = {}
@@ -131,7 +107,10 @@ def graphs(mode: str, device_type: str) -> tuple[Callable[..., Any], Callable[..
         options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": BACKEND}
         if BACKEND == "inductor":
             options["options"] = inductor_options(mode, device_type)
-        _GRAPHS[key] = (torch.compile(_encode, **options), torch.compile(_decode_loss, **options))
+        _GRAPHS[key] = (
+            torch.compile(_rollout.encode, **options),
+            torch.compile(_rollout.decode_loss, **options),
+        )
     return _GRAPHS[key]
 
 
@@ -145,9 +124,9 @@ def rollout_step(
     with_loss: bool = True,
     with_memory: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """:func:`memformer_fast.rollout.rollout_step` through the compiled graphs: the same
-    ``(loss share or None, M_{t+1})``, the same dropout masks (the model's ``rollout_logits`` and
-    ``rollout_step`` methods are not called, so a wrapper of them does not see these steps).
+    """:func:`memformer_fast.rollout.rollout_step` with its two parts through the compiled graphs:
+    the same ``(loss share or None, M_{t+1})``, the same dropout masks (the model's
+    ``rollout_step`` method is not called, so a wrapper of it does not see these steps).
 
     ``with_memory=False`` (a replayed segment with a loss, whose ``M_{t+1}`` gets no gradient):
     the writer does not run and ``M_{t+1}`` is None. A compiled graph's backward gives a zero
@@ -155,33 +134,36 @@ def rollout_step(
     get zeros where eager MRBP and BPTT leave ``.grad`` None.
     """
     encode, decode_loss = graphs(mode, model.device.type)
-    targets = _dense(rollout.targets[t])
-    decode = with_loss and targets is not None
-    ids = _dense(rollout.input_ids[t])
-    assert ids is not None
-    reset = None if rollout.resets is None else rollout.resets[t]
-    if reset is None:  # one graph with and without resets: this where changes nothing
-        reset = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+    def critical(
+        model: Memformer, ids: Tensor, memory: Tensor, mask: Tensor | None, reset: Tensor | None,
+        with_context: bool, with_memory: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+        if reset is None:  # one graph with and without resets: this where changes nothing
+            reset = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return _call(
+            encode, _rollout.encode, model, _dense(ids), memory, _dense(mask), _dense(reset),
+            with_context, with_memory,
+        )  # fmt: skip
+
+    def head(
+        model: Memformer, decoder_inputs: Tensor | None, context: Tensor, mask: Tensor | None,
+        decoder_mask: Tensor | None, targets: Tensor,
+    ) -> Tensor:  # fmt: skip
+        return _call(
+            decode_loss, _rollout.decode_loss, model, decoder_inputs, context, _dense(mask),
+            decoder_mask, _dense(targets),
+        )  # fmt: skip
+
     memory = memory if memory.is_contiguous() else memory.contiguous()
     if torch.is_grad_enabled() and not memory.requires_grad:
         # The replay's first memory may not require grad (a caller's memory that does not): a
         # leaf that does keeps one graph for every segment; nobody asks for its gradient.
         memory = memory.detach().requires_grad_()
-    mask = _dense(rollout.masks[t])
-    writes = with_memory or not decode  # the critical-path pass always writes
-    with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), model.device):
-        context, new_memory = _call(
-            encode, _encode, model, ids, memory, mask, _dense(reset), decode, writes
-        )
-    if not decode:
-        return None, new_memory
-    assert context is not None and targets is not None
-    with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), model.device):
-        loss_sum = _call(
-            decode_loss, _decode_loss, model, rollout.decoder_inputs[t], context, mask,
-            rollout.decoder_masks[t], targets,
-        )  # fmt: skip
-    return loss_sum / rollout.num_targets, new_memory
+    return _rollout.rollout_step(
+        model, rollout, t, memory, seed, with_loss,
+        head=head, critical=critical, with_memory=with_memory,
+    )  # fmt: skip
 
 
 _WARNED: set[str] = set()

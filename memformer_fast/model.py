@@ -336,7 +336,9 @@ class Memformer(nn.Module):
         count; it is None when ``with_loss`` is False or the step has nothing to predict. See
         :meth:`rollout_logits` for resets and ``seed``.
         """
-        return _rollout.rollout_step(self, rollout, t, memory, seed, with_loss)
+        loss, new_memory = _rollout.rollout_step(self, rollout, t, memory, seed, with_loss)
+        assert new_memory is not None  # the writer runs unless asked not to
+        return loss, new_memory
 
     def sequence_loss(
         self,

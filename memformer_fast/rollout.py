@@ -1,15 +1,16 @@
 """Rollouts: a sequence ``[B, T*L]`` cut into segments, each segment's step, and full BPTT.
 
-:func:`plan_rollout` validates a rollout once and cuts it into segments with their targets; a
-step (:func:`rollout_logits`, :func:`rollout_step`) runs one segment from a memory; and
-:func:`sequence_loss` chains the steps with back-propagation through time, the ground truth that
-:func:`memformer_fast.mrbp.backward` reproduces. The :class:`~memformer_fast.Memformer` methods
-of the same names call these; the steps go through the model's methods, so a wrapper of one
-method sees every call.
+:func:`plan_rollout` validates a rollout once and cuts it into segments with their targets;
+:func:`run_segment` is the segment step, the only one: :func:`rollout_logits` and
+:func:`rollout_step` run it eagerly, :mod:`memformer_fast.compiled` runs it with compiled parts;
+and :func:`sequence_loss` chains the steps with back-propagation through time, the ground truth
+that :func:`memformer_fast.mrbp.backward` reproduces. The :class:`~memformer_fast.Memformer`
+methods of the same names delegate here, one way: nothing here calls them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -173,6 +174,81 @@ def plan_rollout(
     return Rollout(ids, masks, targets, decoder_inputs, decoder_masks, sum(counts), seed, columns)
 
 
+def encode(
+    model: Memformer, ids: Tensor, memory: Tensor, mask: Tensor | None, reset: Tensor | None,
+    with_context: bool, with_memory: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """One segment's critical path from ``memory [B, S, D]`` (the rows where ``reset [B]`` is True
+    from the initial memory): ``(context [B, L, D] or None, M_{t+1} [B, S, D] or None)``.
+
+    Without ``with_context`` (the critical-path pass) the last norm, which only the decoder
+    reads, does not run; without ``with_memory`` (a replayed segment whose next memory gets no
+    gradient) the writer does not run.
+    """
+    if reset is not None:
+        memory = model.reset_memory(memory, reset)
+    if not with_context:
+        return None, model.writer(memory, model._run_blocks(ids, memory, mask), mask)
+    if not with_memory:
+        return model.norm(model._run_blocks(ids, memory, mask)), None
+    return model.read_segment(ids, memory, mask)
+
+
+def decode_logits(
+    model: Memformer, decoder_inputs: Tensor | None, context: Tensor, mask: Tensor | None,
+    decoder_mask: Tensor | None, targets: Tensor,
+) -> Tensor:  # fmt: skip
+    """One segment's logits ``[B, L', V]``, aligned with ``targets [B, L']``, from its context."""
+    return model.decode(decoder_inputs, context, mask, decoder_mask)
+
+
+def decode_loss(
+    model: Memformer, decoder_inputs: Tensor | None, context: Tensor, mask: Tensor | None,
+    decoder_mask: Tensor | None, targets: Tensor,
+) -> Tensor:  # fmt: skip
+    """The summed cross-entropy of one segment's ``targets [B, L']``, from its context."""
+    return summed_loss(model.decode(decoder_inputs, context, mask, decoder_mask), targets)
+
+
+def run_segment(
+    model: Memformer,
+    rollout: Rollout,
+    t: int,
+    memory: Tensor,
+    seed: int | None = None,
+    *,
+    head: Callable[..., Tensor] = decode_loss,
+    critical: Callable[..., tuple[Tensor | None, Tensor | None]] = encode,
+    with_head: bool = True,
+    with_memory: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The segment step, the one every path runs (BPTT, eager and compiled MRBP, the rollout
+    methods): segment ``t`` of ``rollout`` from ``memory`` -> ``(head's output or None,
+    M_{t+1} or None)``.
+
+    ``critical`` runs the encoder and writer (signature of :func:`encode`) and ``head`` the
+    decoder (signature of :func:`decode_loss`); the compiled step passes compiled graphs of these
+    functions. Each part runs under its own seed derived from ``seed``
+    (:func:`randomness.part_seed`), so the masks do not depend on which parts run. The head runs
+    only with ``with_head`` and targets to score; without ``with_memory`` the writer is skipped
+    when the head runs (the critical-path pass always writes).
+    """
+    reset = None if rollout.resets is None else rollout.resets[t]
+    targets, mask = rollout.targets[t], rollout.masks[t]
+    decode = with_head and targets is not None
+    with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), model.device):
+        context, new_memory = critical(
+            model, rollout.input_ids[t], memory, mask, reset, decode, with_memory or not decode
+        )
+    if not decode:
+        return None, new_memory
+    with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), model.device):
+        out = head(
+            model, rollout.decoder_inputs[t], context, mask, rollout.decoder_masks[t], targets
+        )
+    return out, new_memory
+
+
 def rollout_logits(
     model: Memformer,
     rollout: Rollout,
@@ -183,17 +259,10 @@ def rollout_logits(
 ) -> tuple[Tensor | None, Tensor]:
     """Segment ``t`` of a rollout: ``(logits of its targets or None, M_{t+1})``
     (:meth:`memformer_fast.Memformer.rollout_logits`)."""
-    reset = None if rollout.resets is None else rollout.resets[t]
-    if reset is not None:
-        memory = model.reset_memory(memory, reset)
-    with randomness.seeded(randomness.part_seed(seed, randomness.ENCODER), model.device):
-        context, new_memory = model.read_segment(rollout.input_ids[t], memory, rollout.masks[t])
-    if not with_logits or rollout.targets[t] is None:
-        return None, new_memory
-    with randomness.seeded(randomness.part_seed(seed, randomness.DECODER), model.device):
-        logits = model.decode(
-            rollout.decoder_inputs[t], context, rollout.masks[t], rollout.decoder_masks[t]
-        )
+    logits, new_memory = run_segment(
+        model, rollout, t, memory, seed, head=decode_logits, with_head=with_logits
+    )
+    assert new_memory is not None
     return logits, new_memory
 
 
@@ -204,14 +273,19 @@ def rollout_step(
     memory: Tensor,
     seed: int | None = None,
     with_loss: bool = True,
-) -> tuple[Tensor | None, Tensor]:
+    *,
+    head: Callable[..., Tensor] = decode_loss,
+    critical: Callable[..., tuple[Tensor | None, Tensor | None]] = encode,
+    with_memory: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
     """Segment ``t`` of a rollout: ``(loss share or None, M_{t+1})``
-    (:meth:`memformer_fast.Memformer.rollout_step`)."""
-    logits, new_memory = model.rollout_logits(rollout, t, memory, seed, with_loss)
-    targets = rollout.targets[t]
-    if logits is None or targets is None:
-        return None, new_memory
-    return summed_loss(logits, targets) / rollout.num_targets, new_memory
+    (:meth:`memformer_fast.Memformer.rollout_step`): :func:`run_segment` with the summed loss
+    divided by the rollout's target count, so the shares add up to the rollout's mean."""
+    loss, new_memory = run_segment(
+        model, rollout, t, memory, seed,
+        head=head, critical=critical, with_head=with_loss, with_memory=with_memory,
+    )  # fmt: skip
+    return (None if loss is None else loss / rollout.num_targets), new_memory
 
 
 def summed_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -234,7 +308,7 @@ def sequence_loss(
     """Full back-propagation through time over a rollout ``[B, T*L]``: ``(loss, M_T)``
     (:meth:`memformer_fast.Memformer.sequence_loss`)."""
     generator = torch.default_generator.get_state()
-    rollout = model.plan_rollout(input_ids, attention_mask, labels, resets=resets)
+    rollout = plan_rollout(model, input_ids, attention_mask, labels, resets=resets)
     try:
         memory = check_memory(model, memory, rollout.input_ids[0].shape[0])
     except BaseException:
@@ -243,7 +317,9 @@ def sequence_loss(
     total: Tensor | None = None
     for t in range(len(rollout)):
         seed = None if rollout.seed is None else randomness.segment_seed(rollout.seed, t)
-        loss, memory = model.rollout_step(rollout, t, memory, seed)
+        loss, new_memory = rollout_step(model, rollout, t, memory, seed)
+        assert new_memory is not None
+        memory = new_memory
         if loss is not None:
             total = loss if total is None else total + loss
     assert total is not None

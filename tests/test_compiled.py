@@ -215,7 +215,7 @@ def test_compiled_step_past_the_limit_runs_eagerly(backend: str, monkeypatch):
         torch._dynamo.config.patch(recompile_limit=1),
         pytest.warns(RuntimeWarning, match="new layouts run eagerly"),
     ):
-        mrbp.backward(model, ids, compile=True)  # the replay needs a second graph of _encode
+        mrbp.backward(model, ids, compile=True)  # the replay needs a second graph of encode
     actual = grads(model)
     assert all(relative_error(actual[n], expected[n]) < 1e-6 for n in expected)
 
