@@ -124,9 +124,10 @@ def rollout_step(
     with_loss: bool = True,
     with_memory: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """:func:`memformer_fast.rollout.rollout_step` with its two parts through the compiled graphs:
-    the same ``(loss share or None, M_{t+1})``, the same dropout masks (the model's
-    ``rollout_step`` method is not called, so a wrapper of it does not see these steps).
+    """:func:`memformer_fast.rollout.rollout_step`: :func:`~memformer_fast.rollout.run_segment`
+    with its two parts through the compiled graphs. The same ``(loss share or None, M_{t+1})``,
+    the same dropout masks (the model's ``rollout_step`` method is not called, so a wrapper of it
+    does not see these steps).
 
     ``with_memory=False`` (a replayed segment with a loss, whose ``M_{t+1}`` gets no gradient):
     the writer does not run and ``M_{t+1}`` is None. A compiled graph's backward gives a zero
@@ -160,10 +161,11 @@ def rollout_step(
         # The replay's first memory may not require grad (a caller's memory that does not): a
         # leaf that does keeps one graph for every segment; nobody asks for its gradient.
         memory = memory.detach().requires_grad_()
-    return _rollout.rollout_step(
-        model, rollout, t, memory, seed, with_loss,
-        head=head, critical=critical, with_memory=with_memory,
+    loss, new_memory = _rollout.run_segment(
+        model, rollout, t, memory, seed,
+        head=head, critical=critical, with_head=with_loss, with_memory=with_memory,
     )  # fmt: skip
+    return (None if loss is None else loss / rollout.num_targets), new_memory
 
 
 _WARNED: set[str] = set()

@@ -268,7 +268,15 @@ def stream(
     reset: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Yield ``max_new_tokens`` tokens ``[B]`` one at a time, in constant memory
-    (:meth:`memformer_fast.Memformer.stream` documents the arguments)."""
+    (``Memformer.stream``).
+
+    The prompt ``[B, P]`` is cut into segments from its start, exactly as ``sequence_loss`` cuts
+    a rollout; completed segments are written into the memory and dropped, so memory use does not
+    grow with the output. ``temperature=0`` is greedy decoding; otherwise sampling (optionally
+    from the ``top_k`` most likely tokens). ``reset [B]`` (bool): the rows where it is True start
+    from the initial memory instead of ``memory`` (their prompt begins a new document). No
+    gradient is recorded.
+    """
     _check_sampling(max_new_tokens, temperature, top_k)
     reads = HostReads(model.device)  # the id range and the memory's finiteness: one read
     prompt_ids = check_ids(model, "prompt_ids", prompt_ids, reads=reads)
@@ -298,8 +306,9 @@ def generate(
     **sampling: Any,
 ) -> Tensor:
     """The ``max_new_tokens`` tokens ``[B, max_new_tokens]`` that follow ``prompt_ids``
-    (:meth:`memformer_fast.Memformer.generate`)."""
-    tokens = list(model.stream(prompt_ids, max_new_tokens, memory, reset=reset, **sampling))
+    (``Memformer.generate``; :func:`stream` describes the sampling options, ``reset [B]`` and the
+    segmentation)."""
+    tokens = list(stream(model, prompt_ids, max_new_tokens, memory, reset=reset, **sampling))
     if not tokens:
         return prompt_ids.new_empty(prompt_ids.shape[0], 0, dtype=torch.long)
     return torch.stack(tokens, dim=1)

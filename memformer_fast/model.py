@@ -4,7 +4,7 @@ rollouts (:mod:`memformer_fast.rollout`) and streaming generation
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,138 +283,15 @@ class Memformer(nn.Module):
                 loss = _segment_loss(logits[:, :-1], targets)
         return MemformerOutput(logits=logits, memory=new_memory, loss=loss)
 
-    # ------------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------------ rollouts and generation
+    # The implementations, documented there; they call none of these methods back.
 
-    def plan_rollout(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        *,
-        resets: Tensor | None = None,
-    ) -> Rollout:
-        """Validate a rollout ``[B, T*L]`` and cut it into segments with their targets.
-
-        Decoder: step ``t`` predicts each token's successor (the last token of a segment predicts
-        the first of the next). Encoder-decoder: step ``t`` decodes segment ``t + 1``, so the
-        first segment is context only. Padded positions (``attention_mask == 0``) and labels equal
-        to -100 are not scored. ``resets [B, T]`` (bool, ``T = ceil(len / segment_length)``):
-        row ``b`` restarts from the initial memory before segment ``t`` where ``resets[b, t]``;
-        it changes the memory only, not which tokens are scored.
-        """
-        return _rollout.plan_rollout(self, input_ids, attention_mask, labels, resets=resets)
-
-    def rollout_logits(
-        self,
-        rollout: Rollout,
-        t: int,
-        memory: Tensor,
-        seed: int | None = None,
-        with_logits: bool = True,
-    ) -> tuple[Tensor | None, Tensor]:
-        """Segment ``t`` of a rollout: ``(logits of its targets or None, M_{t+1})``.
-
-        The rows that reset before step ``t`` read the initial memory instead of ``memory``. The
-        logits (``[B, L', V]``, aligned with ``rollout.targets[t]``) are None when
-        ``with_logits`` is False or the step has nothing to predict (then the decoder does not
-        run). ``seed`` is the segment's dropout seed (:func:`randomness.segment_seed`); None draws
-        from the global generators as they are.
-        """
-        return _rollout.rollout_logits(self, rollout, t, memory, seed, with_logits)
-
-    def rollout_step(
-        self,
-        rollout: Rollout,
-        t: int,
-        memory: Tensor,
-        seed: int | None = None,
-        with_loss: bool = True,
-    ) -> tuple[Tensor | None, Tensor]:
-        """Segment ``t`` of a rollout: ``(loss share or None, M_{t+1})``.
-
-        The loss share is the segment's summed cross-entropy divided by the rollout's target
-        count; it is None when ``with_loss`` is False or the step has nothing to predict. See
-        :meth:`rollout_logits` for resets and ``seed``.
-        """
-        loss, new_memory = _rollout.rollout_step(self, rollout, t, memory, seed, with_loss)
-        assert new_memory is not None  # the writer runs unless asked not to
-        return loss, new_memory
-
-    def sequence_loss(
-        self,
-        input_ids: Tensor,
-        memory: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        *,
-        resets: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Full back-propagation through time over a rollout ``[B, T*L]``: ``(loss, M_T)``.
-
-        ``loss`` is the mean cross-entropy over every predicted, non-ignored token; ``labels``
-        default to ``input_ids`` and are shifted inside (HF causal-LM convention). This keeps every
-        segment's activations alive: it is the ground truth that ``mrbp.backward`` reproduces.
-
-        ``resets [B, T]`` (bool, keyword-only; ``T`` segments, the last may be partial): row
-        ``b`` restarts from the initial memory before segment ``t`` where ``resets[b, t]``, for
-        batch rows packed with several documents. The initial memory's bias gets the gradient of
-        every reset point. Resets change the memory only: to score a reset row exactly as a fresh
-        run of it, also set to -100 the labels a fresh run would not predict (decoder: the first
-        token of the reset segment; encoder-decoder: the whole reset segment).
-        """
-        return _rollout.sequence_loss(
-            self, input_ids, memory, attention_mask, labels, resets=resets
-        )
-
-    # ------------------------------------------------------------------ generation
-
-    def stream(
-        self,
-        prompt_ids: Tensor,
-        max_new_tokens: int,
-        memory: Tensor | None = None,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        reset: Tensor | None = None,
-    ) -> Iterator[Tensor]:
-        """Yield ``max_new_tokens`` tokens ``[B]`` one at a time, in constant memory.
-
-        The prompt ``[B, P]`` is cut into segments from its start, exactly as ``sequence_loss``
-        cuts a rollout; completed segments are written into the memory and dropped, so memory use
-        does not grow with the output. ``temperature=0`` is greedy decoding; otherwise sampling
-        (optionally from the ``top_k`` most likely tokens). ``reset [B]`` (bool): the rows where it
-        is True start from the initial memory instead of ``memory`` (their prompt begins a new
-        document). No gradient is recorded.
-        """
-        return generation.stream(
-            self,
-            prompt_ids,
-            max_new_tokens,
-            memory,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-            reset=reset,
-        )
-
-    def generate(
-        self,
-        prompt_ids: Tensor,
-        max_new_tokens: int,
-        memory: Tensor | None = None,
-        *,
-        reset: Tensor | None = None,
-        **sampling: Any,
-    ) -> Tensor:
-        """The ``max_new_tokens`` tokens ``[B, max_new_tokens]`` that follow ``prompt_ids``.
-
-        See :meth:`stream` for the sampling options, ``reset [B]`` and the segmentation.
-        """
-        return generation.generate(
-            self, prompt_ids, max_new_tokens, memory, reset=reset, **sampling
-        )
+    plan_rollout = _rollout.plan_rollout
+    rollout_logits = _rollout.rollout_logits
+    rollout_step = _rollout.rollout_step
+    sequence_loss = _rollout.sequence_loss
+    stream = generation.stream
+    generate = generation.generate
 
 
 def _segment_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -114,7 +114,14 @@ def plan_rollout(
     resets: Tensor | None = None,
 ) -> Rollout:
     """Validate a rollout ``[B, T*L]`` and cut it into segments with their targets
-    (:meth:`memformer_fast.Memformer.plan_rollout` documents the arguments).
+    (``Memformer.plan_rollout``).
+
+    Decoder: step ``t`` predicts each token's successor (the last token of a segment predicts
+    the first of the next). Encoder-decoder: step ``t`` decodes segment ``t + 1``, so the first
+    segment is context only. Padded positions (``attention_mask == 0``) and labels equal to -100
+    are not scored. ``resets [B, T]`` (bool, ``T = ceil(len / segment_length)``): row ``b``
+    restarts from the initial memory before segment ``t`` where ``resets[b, t]``; it changes the
+    memory only, not which tokens are scored.
 
     Everything the host needs from the values (the id range, the labels' validity, whether the
     mask hides anything, each segment's target count, which segments reset a row, and the
@@ -258,7 +265,14 @@ def rollout_logits(
     with_logits: bool = True,
 ) -> tuple[Tensor | None, Tensor]:
     """Segment ``t`` of a rollout: ``(logits of its targets or None, M_{t+1})``
-    (:meth:`memformer_fast.Memformer.rollout_logits`)."""
+    (``Memformer.rollout_logits``).
+
+    The rows that reset before step ``t`` read the initial memory instead of ``memory``. The
+    logits (``[B, L', V]``, aligned with ``rollout.targets[t]``) are None when ``with_logits`` is
+    False or the step has nothing to predict (then the decoder does not run). ``seed`` is the
+    segment's dropout seed (:func:`randomness.segment_seed`); None draws from the global
+    generators as they are.
+    """
     logits, new_memory = run_segment(
         model, rollout, t, memory, seed, head=decode_logits, with_head=with_logits
     )
@@ -273,18 +287,15 @@ def rollout_step(
     memory: Tensor,
     seed: int | None = None,
     with_loss: bool = True,
-    *,
-    head: Callable[..., Tensor] = decode_loss,
-    critical: Callable[..., tuple[Tensor | None, Tensor | None]] = encode,
-    with_memory: bool = True,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Segment ``t`` of a rollout: ``(loss share or None, M_{t+1})``
-    (:meth:`memformer_fast.Memformer.rollout_step`): :func:`run_segment` with the summed loss
-    divided by the rollout's target count, so the shares add up to the rollout's mean."""
-    loss, new_memory = run_segment(
-        model, rollout, t, memory, seed,
-        head=head, critical=critical, with_head=with_loss, with_memory=with_memory,
-    )  # fmt: skip
+) -> tuple[Tensor | None, Tensor]:
+    """Segment ``t`` of a rollout: ``(loss share or None, M_{t+1})`` (``Memformer.rollout_step``).
+
+    The loss share is the segment's summed cross-entropy divided by the rollout's target count
+    (the shares add up to the rollout's mean); it is None when ``with_loss`` is False or the step
+    has nothing to predict. See :func:`rollout_logits` for resets and ``seed``.
+    """
+    loss, new_memory = run_segment(model, rollout, t, memory, seed, with_head=with_loss)
+    assert new_memory is not None  # the writer runs unless asked not to
     return (None if loss is None else loss / rollout.num_targets), new_memory
 
 
@@ -306,7 +317,19 @@ def sequence_loss(
     resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Full back-propagation through time over a rollout ``[B, T*L]``: ``(loss, M_T)``
-    (:meth:`memformer_fast.Memformer.sequence_loss`)."""
+    (``Memformer.sequence_loss``).
+
+    ``loss`` is the mean cross-entropy over every predicted, non-ignored token; ``labels``
+    default to ``input_ids`` and are shifted inside (HF causal-LM convention). This keeps every
+    segment's activations alive: it is the ground truth that ``mrbp.backward`` reproduces.
+
+    ``resets [B, T]`` (bool, keyword-only; ``T`` segments, the last may be partial): row ``b``
+    restarts from the initial memory before segment ``t`` where ``resets[b, t]``, for batch rows
+    packed with several documents. The initial memory's bias gets the gradient of every reset
+    point. Resets change the memory only: to score a reset row exactly as a fresh run of it,
+    also set to -100 the labels a fresh run would not predict (decoder: the first token of the
+    reset segment; encoder-decoder: the whole reset segment).
+    """
     generator = torch.default_generator.get_state()
     rollout = plan_rollout(model, input_ids, attention_mask, labels, resets=resets)
     try:
@@ -317,9 +340,7 @@ def sequence_loss(
     total: Tensor | None = None
     for t in range(len(rollout)):
         seed = None if rollout.seed is None else randomness.segment_seed(rollout.seed, t)
-        loss, new_memory = rollout_step(model, rollout, t, memory, seed)
-        assert new_memory is not None
-        memory = new_memory
+        loss, memory = rollout_step(model, rollout, t, memory, seed)
         if loss is not None:
             total = loss if total is None else total + loss
     assert total is not None
