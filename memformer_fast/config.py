@@ -40,16 +40,15 @@ class MemformerConfig:
       GPT-style 0.02 embeddings the writer sees each token blurred with its neighbours and the
       memory, and single-key recall stays at chance.
     - ``init_std=None``: linear layers keep PyTorch's fan-in scaled initialisation, so their scale
-      follows the width (a float gives ``normal(0, init_std)``, the old GPT-style default 0.02).
+      follows the width (a float gives GPT-style ``normal(0, init_std)`` weights).
     - ``tie_embeddings=False``: an output layer of its own; tied to unit-variance embeddings the
       initial logits would have a standard deviation of ``sqrt(d_model)``.
-    - ``bias_init_norm=0.001``: a large memory bias wipes the slots at every segment, and one of
-      norm 0.1 let the memory drift, 40 to 60 segments in, into a state the readout never saw
-      in training (recall 88% after 64 to 1,024 segments); from 0.001 the memory's dynamics were
-      stationary from the first segment and recall held to 1,024 segments and beyond in 2 seeds
-      of 3 (docs/memory_learning.md, items 11-13).
-    - ``gate_bias_init=0.0``: the gate starts half open. A closed-leaning gate (-2.0, keeping 88%
-      of each old slot) learns as fast but carries recall less far beyond the trained length.
+    - ``bias_init_norm=0.001``: a large memory bias wipes the slots at every segment, and a
+      moderate one lets the memory drift, tens of segments in, into a state the readout never
+      saw in training; from a tiny bias the memory's dynamics are stationary from the first
+      segment, so recall holds far beyond the trained length (docs/memory_learning.md).
+    - ``gate_bias_init=0.0``: the gate starts half open. A closed-leaning gate learns as fast but
+      carries recall less far beyond the trained length.
     - ``memory_noise=0.0``: in training, every slot written gets Gaussian noise whose norm is
       about ``memory_noise`` (``memory_noise / sqrt(d_model)`` per element) and is renormalised.
       A memory that only copies a slot forward drifts under the noise and fails within the

@@ -584,7 +584,7 @@ def init_weights(module: nn.Module, std: float | None = None, embedding_std: flo
 
     ``std=None`` (the default) keeps PyTorch's fan-in scaled initialisation of linear layers
     (weights and biases uniform in ``±1 / sqrt(fan_in)``), so the scale follows the width; a float
-    draws weights from ``normal(0, std)`` with zero biases (GPT-style; 0.02 was the old default).
+    draws weights from ``normal(0, std)`` with zero biases (GPT-style).
     Embeddings are ``normal(0, embedding_std)``: token identity must dominate the residual stream
     at init, or the memory writer sees a blur of its neighbours and single-key recall never starts
     (docs/memory_learning.md).

@@ -91,8 +91,8 @@ def _draw_keep_mask(x: Tensor, p: float) -> Tensor:
 # variable): it runs eagerly inside the compiled graph, so fullgraph=True works. The tag keeps the
 # compiler from merging two draws or recomputing one in the backward. Defined with the low-level
 # Library API rather than ``custom_op``: the op is called once per dropout site and segment, and
-# custom_op's Python autograd layers cost about 40 us a call on top of the 20 us draw; its input is
-# detached, so it needs no autograd kernel.
+# custom_op's Python autograd layers would cost more than the draw itself; its input is detached,
+# so it needs no autograd kernel.
 _LIBRARY = torch.library.Library("memformer_fast", "FRAGMENT")
 _LIBRARY.define(
     "dropout_keep_mask(Tensor x, float p) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,)
