@@ -1,4 +1,4 @@
-// The MRBP replay buffer: preallocated storage for `capacity` states of one
+// The MRBP replay buffer (SPEC section 5): preallocated storage for `capacity` states of one
 // shape and dtype, each with the integer seed that recreates its segment's randomness.
 //
 // ReplayBuffer validates arguments and keeps the bookkeeping (size, seeds); a Storage decides
