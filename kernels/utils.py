@@ -32,18 +32,14 @@ def launch_directly(kernel: Any) -> Any:
     return kernel
 
 
-_wrap_triton: Callable[[Any], Any] | None = getattr(torch.library, "wrap_triton", None)
-
-
 def launch_traceable(kernel: Any) -> Any:
     """``torch.library.wrap_triton(kernel)``, what the body of a ``torch.library.triton_op``
     launches: traced (``torch.compile``, ``make_fx``), the launch becomes a graph node; run eagerly,
     ``triton_op`` switches wrapping off and this is the kernel itself. Interpreted kernels
-    (``TRITON_INTERPRET=1``: nothing to compile or trace) and torch < 2.6 (no ``wrap_triton``)
-    launch directly."""
-    if _wrap_triton is None or isinstance(kernel, InterpretedFunction):
+    (``TRITON_INTERPRET=1``: nothing to compile or trace) launch directly."""
+    if isinstance(kernel, InterpretedFunction):
         return kernel
-    return _wrap_triton(kernel)
+    return torch.library.wrap_triton(kernel)
 
 
 # tl.dot needs M, N, K >= 16 on NVIDIA GPUs (the interpreter accepts less, the compiler does not).

@@ -184,13 +184,13 @@ def _opcheck() -> list[str]:
     o, lse = ops.memory_write_fwd(*write, mask, 0.5, 0.25)
     calls = [
         ("memory_read_fwd", (q, k, v, 0.25)),
-        ("memory_read_bwd", (do, q, k, v, ops.memory_read_fwd(q, k, v, 0.25)[1], 0.25)),
+        ("memory_read_bwd", (do, q, k, v, 0.25, *ops.memory_read_fwd(q, k, v, 0.25))),
         ("memory_write_fwd", (*write, mask, 0.5, 0.25)),
         ("memory_write_fwd", (*write, None, 0.5, 0.25)),
-        ("memory_write_bwd", (o, *write, mask, o, lse, 0.5, 0.25)),
+        ("memory_write_bwd", (o, *write, mask, 0.5, 0.25, o, lse)),
         ("gated_memory_update_fwd", (m, c, bias, g, 1e-6)),
-        ("gated_memory_update_bwd", (m, m, c, bias, g, 1e-6)),
-        ("gated_memory_update_bwd", (m, m, c, bias, None, 1e-6)),
+        ("gated_memory_update_bwd", (m, m, c, bias, g, 1e-6, m)),
+        ("gated_memory_update_bwd", (m, m, c, bias, None, 1e-6, m)),
     ]
     failures = []
     for name, args in calls:
