@@ -64,7 +64,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def select_backend(backend: str, t: Tensor, size_name: str, size: int) -> str:
     """:func:`resolve_backend`, then keep ``"auto"`` off the kernels where they do not apply
     (float64, a ``size_name`` above the kernels' limit); an explicit ``"triton"`` there is an
-    error. ``size_name`` is ``"D"`` (the gated update's width) or ``"head_dim"``."""
+    error (a ValueError, or a TypeError for the dtype). ``size_name`` is ``"D"`` (the gated
+    update's width) or ``"head_dim"``."""
     resolved = resolve_backend(backend, t.device)
     if resolved != "triton":
         return resolved
@@ -75,4 +76,6 @@ def select_backend(backend: str, t: Tensor, size_name: str, size: int) -> str:
         return "reference"
     if size > limit:
         raise ValueError(f"backend='triton' supports {size_name} <= {limit}, got {size}")
-    return resolved
+    raise TypeError(
+        f"backend='triton' takes the dtypes {[str(d) for d in KERNEL_DTYPES]}, got {t.dtype}"
+    )

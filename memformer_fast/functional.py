@@ -1,7 +1,9 @@
 """Public functional API of the three fused operations (docs/design.md, "The three operations").
 
-Each function validates its arguments (a bad argument raises a ``TypeError`` or ``ValueError``
-naming it, what was expected and what was given), picks a backend and calls it:
+Each public function validates its arguments once (a bad argument raises a ``TypeError`` or
+``ValueError`` naming it, what was expected and what was given), then calls its unchecked twin
+(``_memory_read_attention`` ...), which picks a backend and calls it. The layers, which validate
+their own inputs and build these tensors themselves, call the twins directly:
 
 - ``"reference"``: :mod:`memformer_fast.reference`, pure PyTorch, any device and dtype;
 - ``"triton"``: the fused kernels through the custom ops of :mod:`memformer_fast.ops`, on CUDA
@@ -19,12 +21,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backends import (
-    KERNEL_DTYPES,
-    REFERENCE_DTYPES,
-    resolve_backend,
-    select_backend,
-)
+from .backends import REFERENCE_DTYPES, resolve_backend, select_backend
+
+# The lower bound of the slot norm in the gated update, by default.
+BMN_EPS = 1e-6
 
 __all__ = [
     "gated_memory_update",
@@ -43,18 +43,18 @@ def _ops() -> ModuleType:
     return ops
 
 
-def _check_tensors(names: Sequence[str], tensors: Sequence[object], backend: str) -> None:
-    """Every argument is a floating tensor of one dtype, on one device."""
+def _check_tensors(names: Sequence[str], tensors: Sequence[object]) -> None:
+    """Every argument is a floating tensor of one dtype, on one device (which dtypes a backend
+    takes is :func:`~memformer_fast.backends.select_backend`'s to say)."""
     for name, t in zip(names, tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     first_name, first = names[0], tensors[0]
     assert isinstance(first, Tensor)
-    allowed = REFERENCE_DTYPES if backend == "reference" else KERNEL_DTYPES
-    if first.dtype not in allowed:
+    if first.dtype not in REFERENCE_DTYPES:
         raise TypeError(
-            f"{first_name} must have a dtype in {[str(d) for d in allowed]} for backend "
-            f"{backend!r}, got {first.dtype}"
+            f"{first_name} must have a dtype in {[str(d) for d in REFERENCE_DTYPES]}, "
+            f"got {first.dtype}"
         )
     for name, t in zip(names[1:], tensors[1:]):
         assert isinstance(t, Tensor)
@@ -94,8 +94,8 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
-def _default_scale(scale: float | None, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else _check_positive("scale", scale)
+def _check_scale(scale: object) -> float | None:
+    return None if scale is None else _check_positive("scale", scale)
 
 
 def memory_read_attention(
@@ -112,15 +112,23 @@ def memory_read_attention(
     Returns:
         ``[B, L, H, Dh]`` in the dtype of ``q``.
     """
-    _check_tensors(("q", "k", "v"), (q, k, v), "reference")
+    _check_tensors(("q", "k", "v"), (q, k, v))
     _check_shape("q", q, (None, None, None, None), "[B, L, H, Dh]")
     B, _, H, Dh = q.shape
     _check_shape("k", k, (B, None, H, Dh), "[B, S, H, Dh] matching q")
     _check_shape("v", v, tuple(k.shape), "the shape of k")
     _check_nonempty(("q", "k"), (q, k))
+    return _memory_read_attention(q, k, v, _check_scale(scale), backend)
+
+
+def _memory_read_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None, backend: str
+) -> Tensor:
+    """:func:`memory_read_attention` for arguments already validated (shapes as documented
+    there); chooses the backend."""
+    Dh = q.shape[-1]
     backend = select_backend(backend, q, "head_dim", Dh)
-    _check_tensors(("q", "k", "v"), (q, k, v), backend)
-    scale = _default_scale(scale, Dh)
+    scale = Dh**-0.5 if scale is None else scale
     if backend == "reference":
         return reference.memory_read_attention(q, k, v, scale)
     return _ops().memory_read_attention(q, k, v, scale)
@@ -151,8 +159,7 @@ def memory_write_attention(
     Returns:
         ``[B, S, H, Dh]``; a slot that sees no real token gets ``v_self`` exactly.
     """
-    names = ("q", "k_self", "v_self", "k", "v")
-    _check_tensors(names, (q, k_self, v_self, k, v), "reference")
+    _check_tensors(("q", "k_self", "v_self", "k", "v"), (q, k_self, v_self, k, v))
     _check_shape("q", q, (None, None, None, None), "[B, S, H, Dh]")
     B, S, H, Dh = q.shape
     _check_shape("k_self", k_self, (B, S, H, Dh), "the shape of q")
@@ -168,9 +175,27 @@ def memory_write_attention(
         if token_mask.device != q.device:
             raise ValueError(f"token_mask must be on {q.device}, got {token_mask.device}")
     temperature = _check_positive("temperature", temperature)
+    return _memory_write_attention(
+        q, k_self, v_self, k, v, token_mask, temperature, _check_scale(scale), backend
+    )
+
+
+def _memory_write_attention(
+    q: Tensor,
+    k_self: Tensor,
+    v_self: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    temperature: float,
+    scale: float | None,
+    backend: str,
+) -> Tensor:
+    """:func:`memory_write_attention` for arguments already validated (shapes as documented
+    there); chooses the backend."""
+    Dh = q.shape[-1]
     backend = select_backend(backend, q, "head_dim", Dh)
-    _check_tensors(names, (q, k_self, v_self, k, v), backend)
-    scale = _default_scale(scale, Dh)
+    scale = Dh**-0.5 if scale is None else scale
     if backend == "reference":
         return reference.memory_write_attention(
             q, k_self, v_self, k, v, token_mask, temperature, scale
@@ -184,7 +209,7 @@ def gated_memory_update(
     bias: Tensor,
     gate_logits: Tensor | None = None,
     *,
-    eps: float = 1e-6,
+    eps: float = BMN_EPS,
     backend: str = "auto",
 ) -> Tensor:
     """Gated memory update with biased memory normalisation (BMN).
@@ -207,7 +232,7 @@ def gated_memory_update(
     if gate_logits is not None:
         names.append("gate_logits")
         tensors.append(gate_logits)
-    _check_tensors(names, tensors, "reference")
+    _check_tensors(names, tensors)
     _check_shape("memory", memory, (None, None, None), "[B, S, D]")
     B, S, D = memory.shape
     _check_shape("candidate", candidate, (B, S, D), "the shape of memory")
@@ -216,8 +241,20 @@ def gated_memory_update(
         _check_shape("gate_logits", gate_logits, (B, S, D), "the shape of memory")
     _check_nonempty(("memory",), (memory,))
     eps = _check_positive("eps", eps)
-    backend = select_backend(backend, memory, "D", D)
-    _check_tensors(names, tensors, backend)
+    return _gated_memory_update(memory, candidate, bias, gate_logits, eps, backend)
+
+
+def _gated_memory_update(
+    memory: Tensor,
+    candidate: Tensor,
+    bias: Tensor,
+    gate_logits: Tensor | None,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    """:func:`gated_memory_update` for arguments already validated (shapes as documented there);
+    chooses the backend."""
+    backend = select_backend(backend, memory, "D", memory.shape[-1])
     if backend == "reference":
         return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
     return _ops().gated_memory_update(memory, candidate, bias, gate_logits, eps)

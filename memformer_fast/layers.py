@@ -3,6 +3,11 @@
 Every block is pre-LayerNorm with a residual around each sublayer. Hidden states are
 ``[B, L, D]``; the memory is ``[B, S, D]``. The memory reader and writer are public layers a user
 can put into a model of their own; their attention runs through :mod:`memformer_fast.functional`.
+
+Validation happens once, where a caller hands tensors in: each layer's ``forward`` checks its
+inputs unless called with ``validate=False``, which a parent layer (or the model) passes to its
+children after checking what it hands them; the layers call ``functional``'s unchecked twins with
+the tensors they build themselves.
 """
 
 from __future__ import annotations
@@ -134,6 +139,28 @@ def check_key_mask(name: str, mask: object, batch: int, length: int, device: tor
         )
     if mask.device != device:
         raise ValueError(f"{name} must be on {device}, got {mask.device}")
+
+
+def check_memory_states(memory: object, h: Tensor, h_name: str) -> Tensor:
+    """``memory`` is a floating ``[B, S, D]`` tensor with the batch size and device of ``h``."""
+    memory = check_states("memory", memory, h.shape[-1], "[B, S, D] memory slots")
+    check_pair("memory", memory, h_name, h)
+    return memory
+
+
+def check_context(
+    context: object,
+    mask: object,
+    x: Tensor,
+    x_name: str,
+    names: tuple[str, str, str] = ("context", "context_mask", "[B, Lk, D] encoder output"),
+) -> None:
+    """``context`` is a floating ``[B, Lk, D]`` tensor with the batch size and device of ``x``,
+    and ``mask`` None or a bool ``[B, Lk]`` key mask (``names``: how the three are called)."""
+    name, mask_name, meaning = names
+    context = check_states(name, context, x.shape[-1], meaning)
+    check_pair(name, context, x_name, x)
+    check_key_mask(mask_name, mask, context.shape[0], context.shape[1], context.device)
 
 
 def attention_mask_2d(
@@ -283,11 +310,15 @@ class RotarySelfAttention(nn.Module):
         mask: Tensor | None,
         is_causal: bool = False,
         cache: KVCache | None = None,
+        *,
+        validate: bool = True,
     ) -> Tensor:
         """With ``cache``, ``x`` holds the positions that follow the cached ones (causal, no
-        ``mask``): their keys and values join the cache."""
-        check_states("x", x, self.qkv.in_features, "[B, L, D] hidden states")
-        check_attention_mask("mask", mask, x, self.n_heads)
+        ``mask``): their keys and values join the cache. ``validate=False``: the caller checked
+        ``x`` and ``mask``."""
+        if validate:
+            check_states("x", x, self.qkv.in_features, "[B, L, D] hidden states")
+            check_attention_mask("mask", mask, x, self.n_heads)
         offset = 0 if cache is None else len(cache)
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # [B, L, 3, H, Dh]
         cos, sin = self._rotary_tables(offset, x.shape[1], qkv.dtype)
@@ -330,14 +361,14 @@ class CrossAttention(nn.Module):
         context: Tensor,
         context_mask: Tensor | None,
         cache: KVCache | None = None,
+        *,
+        validate: bool = True,
     ) -> Tensor:
-        """``cache`` keeps the context's keys and values, computed once per context."""
-        check_states("x", x, self.q.in_features, "[B, Lq, D] hidden states")
-        check_states("context", context, self.q.in_features, "[B, Lk, D] encoder output")
-        check_pair("context", context, "x", x)
-        check_key_mask(
-            "context_mask", context_mask, context.shape[0], context.shape[1], context.device
-        )
+        """``cache`` keeps the context's keys and values, computed once per context.
+        ``validate=False``: the caller checked the arguments."""
+        if validate:
+            check_states("x", x, self.q.in_features, "[B, Lq, D] hidden states")
+            check_context(context, context_mask, x, "x")
         q = _split_heads(self.q(x), self.n_heads).transpose(1, 2)
         if cache is not None and cache.k is not None and cache.v is not None:
             k, v = cache.k, cache.v
@@ -380,16 +411,16 @@ class MemoryReader(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, h: Tensor, memory: Tensor) -> Tensor:
-        width = self.q.in_features
-        check_states("h", h, width, "[B, L, D] hidden states")
-        check_states("memory", memory, width, "[B, S, D] memory slots")
-        check_pair("memory", memory, "h", h)
+    def forward(self, h: Tensor, memory: Tensor, *, validate: bool = True) -> Tensor:
+        """``validate=False``: the caller checked ``h`` and ``memory``."""
+        if validate:
+            check_states("h", h, self.q.in_features, "[B, L, D] hidden states")
+            check_memory_states(memory, h, "h")
         q = _split_heads(self.q(self.norm(h)), self.n_heads)
         # The memory follows h's dtype here, so a bfloat16 model reads a float32 memory.
         kv = self.kv(self.memory_norm(memory.to(h.dtype)))
         k, v = (_split_heads(t, self.n_heads) for t in kv.chunk(2, -1))
-        o = functional.memory_read_attention(q, k.to(q.dtype), v.to(q.dtype), backend=self.backend)
+        o = functional._memory_read_attention(q, k.to(q.dtype), v.to(q.dtype), None, self.backend)
         return self.out(o.flatten(2))
 
 
@@ -417,6 +448,8 @@ class MemoryWriter(nn.Module):
         noise: float = 0.0,
     ) -> None:
         super().__init__()
+        # Checked here once: forward hands it to functional's unchecked write.
+        temperature = functional._check_positive("temperature", temperature)
         self.n_heads, self.temperature, self.backend = n_heads, temperature, backend
         self.noise, self.eps = noise, eps
         self.memory_norm = nn.LayerNorm(d_model, eps=eps)
@@ -444,16 +477,18 @@ class MemoryWriter(nn.Module):
         m0 = F.normalize(self.bias.to(dtype), dim=-1)
         return m0.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def forward(self, memory: Tensor, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        width = self.q.in_features
-        check_states("memory", memory, width, "[B, S, D] memory slots")
-        check_states("x", x, width, "[B, L, D] hidden states")
-        if memory.shape[1] != self.bias.shape[0]:
-            raise ValueError(
-                f"memory must have {self.bias.shape[0]} slots ([B, S, D] with S = n_slots), "
-                f"got shape {list(memory.shape)}"
-            )
-        check_pair("x", x, "memory", memory)
+    def forward(
+        self, memory: Tensor, x: Tensor, token_mask: Tensor | None = None, *, validate: bool = True
+    ) -> Tensor:
+        """``validate=False``: the caller checked the arguments."""
+        if validate:
+            check_states("memory", memory, self.q.in_features, "[B, S, D] memory slots")
+            if memory.shape[1] != self.bias.shape[0]:
+                raise ValueError(
+                    f"memory must have {self.bias.shape[0]} slots ([B, S, D] with S = n_slots), "
+                    f"got shape {list(memory.shape)}"
+                )
+            check_context(x, token_mask, memory, "memory", ("x", "token_mask", "[B, L, D]"))
         # The projections run in x's dtype (a bfloat16 model with a float32 memory works); the
         # update itself stays in the memory's dtype.
         raw = memory.to(x.dtype)
@@ -465,15 +500,16 @@ class MemoryWriter(nn.Module):
         v = _split_heads(self.v(tokens), self.n_heads)
         dtype = q.dtype
         written = (
-            functional.memory_write_attention(
+            functional._memory_write_attention(
                 q,
                 k_self.to(dtype),
                 _split_heads(raw, self.n_heads).to(dtype),
                 k.to(dtype),
                 v.to(dtype),
-                token_mask=token_mask,
-                temperature=self.temperature,
-                backend=self.backend,
+                token_mask,
+                self.temperature,
+                None,
+                self.backend,
             )
             .flatten(2)
             .to(memory.dtype)
@@ -482,8 +518,9 @@ class MemoryWriter(nn.Module):
         if self.gate is not None:
             gate_in = torch.cat([raw, written.to(raw.dtype)], dim=-1)
             gate_logits = self.gate(gate_in).to(memory.dtype)
-        new = functional.gated_memory_update(
-            memory, written, self.bias.to(memory.dtype), gate_logits, backend=self.backend
+        bias = self.bias.to(memory.dtype)
+        new = functional._gated_memory_update(
+            memory, written, bias, gate_logits, functional.BMN_EPS, self.backend
         )
         if self.training and self.noise > 0:  # MemformerConfig.memory_noise: norm ~ self.noise
             noise = randomness.standard_normal_like(new) * (self.noise / new.shape[-1] ** 0.5)
@@ -524,12 +561,22 @@ class MemoryBlock(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(
-        self, h: Tensor, memory: Tensor, mask: Tensor | None, cache: KVCache | None = None
+        self,
+        h: Tensor,
+        memory: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        *,
+        validate: bool = True,
     ) -> Tensor:
-        check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
-        check_attention_mask("mask", mask, h, self.attn.n_heads)
-        h = h + self.dropout(self.attn(self.attn_norm(h), mask, self.causal, cache))
-        h = h + self.dropout(self.reader(h, memory))
+        """``validate=False``: the caller checked the arguments."""
+        if validate:
+            check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
+            check_attention_mask("mask", mask, h, self.attn.n_heads)
+            check_memory_states(memory, h, "h")
+        attn = self.attn(self.attn_norm(h), mask, self.causal, cache, validate=False)
+        h = h + self.dropout(attn)
+        h = h + self.dropout(self.reader(h, memory, validate=False))
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
 
@@ -564,18 +611,19 @@ class DecoderBlock(nn.Module):
         mask: Tensor | None,
         context_mask: Tensor | None,
         caches: tuple[KVCache, KVCache] | None = None,
+        *,
+        validate: bool = True,
     ) -> Tensor:
-        """``caches``: the self- and cross-attention caches, for token-by-token decoding."""
-        check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
-        check_attention_mask("mask", mask, h, self.attn.n_heads)
-        check_states("context", context, self.attn_norm.normalized_shape[0], "[B, Lc, D]")
-        check_pair("context", context, "h", h)
-        check_key_mask(
-            "context_mask", context_mask, context.shape[0], context.shape[1], context.device
-        )
+        """``caches``: the self- and cross-attention caches, for token-by-token decoding.
+        ``validate=False``: the caller checked the arguments."""
+        if validate:
+            check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
+            check_attention_mask("mask", mask, h, self.attn.n_heads)
+            check_context(context, context_mask, h, "h")
         self_cache, cross_cache = (None, None) if caches is None else caches
-        h = h + self.dropout(self.attn(self.attn_norm(h), mask, True, self_cache))
-        h = h + self.dropout(self.cross(self.cross_norm(h), context, context_mask, cross_cache))
+        h = h + self.dropout(self.attn(self.attn_norm(h), mask, True, self_cache, validate=False))
+        cross = self.cross(self.cross_norm(h), context, context_mask, cross_cache, validate=False)
+        h = h + self.dropout(cross)
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
 

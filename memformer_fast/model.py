@@ -158,7 +158,7 @@ class Memformer(nn.Module):
         cross-attends to (encoder-decoder) or what the LM head reads (decoder).
         """
         h = self._run_blocks(input_ids, memory, mask)
-        return self.norm(h), self.writer(memory, h, mask)
+        return self.norm(h), self.writer(memory, h, mask, validate=False)
 
     def _run_blocks(
         self,
@@ -177,7 +177,7 @@ class Memformer(nn.Module):
             mask, input_ids.shape[1], not self.is_encoder_decoder, h.device
         )
         for i, block in enumerate(self.blocks):
-            h = block(h, memory, attn_mask, None if caches is None else caches[i])
+            h = block(h, memory, attn_mask, None if caches is None else caches[i], validate=False)
         return h
 
     def decode(
@@ -200,7 +200,8 @@ class Memformer(nn.Module):
         h = self.dropout(self.embed(decoder_input_ids))
         mask = attention_mask_2d(decoder_mask, decoder_input_ids.shape[1], True, h.device)
         for i, block in enumerate(self.decoder):
-            h = block(h, context, mask, context_mask, None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            h = block(h, context, mask, context_mask, cache, validate=False)
         assert self.decoder_norm is not None
         return self.lm_head(self.decoder_norm(h))
 
