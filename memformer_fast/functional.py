@@ -34,10 +34,14 @@ __all__ = [
 ]
 
 
-def _ops() -> ModuleType:
-    """:mod:`memformer_fast.ops`, imported by the first ``backend="triton"`` call: defining its
-    ``triton_op``\\ s imports ``torch._inductor`` (a second or more), which the reference never
-    needs."""
+def _implementation(backend: str, t: Tensor, size_name: str, size: int) -> ModuleType:
+    """The module whose functions of the public names run ``backend`` for ``t``
+    (:func:`~memformer_fast.backends.select_backend`): :mod:`memformer_fast.reference`, or
+    :mod:`memformer_fast.ops`, imported by the first ``backend="triton"`` call (defining its
+    ``triton_op``\\ s imports ``torch._inductor``, a second or more, which the reference never
+    needs)."""
+    if select_backend(backend, t, size_name, size) == "reference":
+        return reference
     from . import ops
 
     return ops
@@ -127,11 +131,8 @@ def _memory_read_attention(
     """:func:`memory_read_attention` for arguments already validated (shapes as documented
     there); chooses the backend."""
     Dh = q.shape[-1]
-    backend = select_backend(backend, q, "head_dim", Dh)
-    scale = Dh**-0.5 if scale is None else scale
-    if backend == "reference":
-        return reference.memory_read_attention(q, k, v, scale)
-    return _ops().memory_read_attention(q, k, v, scale)
+    impl = _implementation(backend, q, "head_dim", Dh)
+    return impl.memory_read_attention(q, k, v, Dh**-0.5 if scale is None else scale)
 
 
 def memory_write_attention(
@@ -194,13 +195,9 @@ def _memory_write_attention(
     """:func:`memory_write_attention` for arguments already validated (shapes as documented
     there); chooses the backend."""
     Dh = q.shape[-1]
-    backend = select_backend(backend, q, "head_dim", Dh)
+    impl = _implementation(backend, q, "head_dim", Dh)
     scale = Dh**-0.5 if scale is None else scale
-    if backend == "reference":
-        return reference.memory_write_attention(
-            q, k_self, v_self, k, v, token_mask, temperature, scale
-        )
-    return _ops().memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
+    return impl.memory_write_attention(q, k_self, v_self, k, v, token_mask, temperature, scale)
 
 
 def gated_memory_update(
@@ -254,7 +251,5 @@ def _gated_memory_update(
 ) -> Tensor:
     """:func:`gated_memory_update` for arguments already validated (shapes as documented there);
     chooses the backend."""
-    backend = select_backend(backend, memory, "D", memory.shape[-1])
-    if backend == "reference":
-        return reference.gated_memory_update(memory, candidate, bias, gate_logits, eps)
-    return _ops().gated_memory_update(memory, candidate, bias, gate_logits, eps)
+    impl = _implementation(backend, memory, "D", memory.shape[-1])
+    return impl.gated_memory_update(memory, candidate, bias, gate_logits, eps)

@@ -149,6 +149,43 @@ def _signed(body: Callable[..., Any], signature: inspect.Signature) -> Callable[
     return signed
 
 
+def _signatures(forward: Callable[..., Any]) -> tuple[inspect.Signature, inspect.Signature]:
+    """The forward's signature (the reference's) and the backward's made from it:
+    ``(grad, *inputs, *outputs) -> list[Tensor]``."""
+    fwd_sig = inspect.signature(forward, eval_str=True)
+    outputs = fwd_sig.return_annotation
+    n_outputs = len(outputs.__args__) if getattr(outputs, "__origin__", None) is tuple else 1
+    tensor = functools.partial(inspect.Parameter, kind=_POSITIONAL, annotation=Tensor)
+    bwd_sig = inspect.Signature(
+        [tensor("grad"), *fwd_sig.parameters.values()]
+        + [tensor(f"out{i}") for i in range(n_outputs)],
+        return_annotation=list[Tensor],
+    )
+    return fwd_sig, bwd_sig
+
+
+def _register_autograd(fwd_op: Any, bwd_op: Any) -> None:
+    """The forward's backward is ``bwd_op(grad, *inputs, *outputs)``; the backward has none."""
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.is_tensor = [isinstance(a, Tensor) for a in inputs]
+        ctx.constants = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.save_for_backward(*(a for a in inputs if isinstance(a, Tensor)), *outs)
+        ctx.mark_non_differentiable(*outs[1:])
+
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if t else c for t, c in zip(ctx.is_tensor, ctx.constants)]
+        grads = iter(bwd_op(grad, *args, *saved))
+        return tuple(
+            next(grads) if isinstance(a, Tensor) and a.is_floating_point() else None for a in args
+        )
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    bwd_op.register_autograd(_refuse_double_backward)
+
+
 def _define(
     name: str,
     forward: Callable[..., Any],
@@ -158,16 +195,8 @@ def _define(
 ) -> tuple[Any, Any]:
     """Register ``memformer_fast::<name>_fwd`` / ``_bwd`` (and their portable ops) from the
     reference ``forward``, whose annotations are the forward's schema; return the two ops."""
-    fwd_sig = inspect.signature(forward, eval_str=True)
-    outputs = fwd_sig.return_annotation
-    n_outputs = len(outputs.__args__) if getattr(outputs, "__origin__", None) is tuple else 1
+    fwd_sig, bwd_sig = _signatures(forward)
     n_inputs = len(fwd_sig.parameters)
-    tensor = functools.partial(inspect.Parameter, kind=_POSITIONAL, annotation=Tensor)
-    bwd_sig = inspect.Signature(
-        [tensor("grad"), *fwd_sig.parameters.values()]
-        + [tensor(f"out{i}") for i in range(n_outputs)],
-        return_annotation=list[Tensor],
-    )
 
     def reference_fwd(*args: Any) -> Any:
         return _contiguous(forward(*args))
@@ -226,23 +255,7 @@ def _define(
     )
     _LAUNCHERS[f"{name}_fwd"], _LAUNCHERS[f"{name}_bwd"] = f"{launcher}_fwd", f"{launcher}_bwd"
 
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        outs = output if isinstance(output, tuple) else (output,)
-        ctx.is_tensor = [isinstance(a, Tensor) for a in inputs]
-        ctx.constants = [None if isinstance(a, Tensor) else a for a in inputs]
-        ctx.save_for_backward(*(a for a in inputs if isinstance(a, Tensor)), *outs)
-        ctx.mark_non_differentiable(*outs[1:])
-
-    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if t else c for t, c in zip(ctx.is_tensor, ctx.constants)]
-        grads = iter(bwd_op(grad, *args, *saved))
-        return tuple(
-            next(grads) if isinstance(a, Tensor) and a.is_floating_point() else None for a in args
-        )
-
-    fwd_op.register_autograd(backward, setup_context=setup_context)
-    bwd_op.register_autograd(_refuse_double_backward)
+    _register_autograd(fwd_op, bwd_op)
     return fwd_op, bwd_op
 
 
@@ -253,7 +266,7 @@ def _define(
 memory_read_fwd, memory_read_bwd = _define(
     "memory_read",
     reference.memory_read,
-    lambda K, q, k, v, scale, *, wrap: K.memory_read_fwd(q, k, v, scale, wrap=wrap),
+    lambda K, *args, wrap: K.memory_read_fwd(*args, wrap=wrap),
     lambda K, do, q, k, v, scale, o, lse, *, wrap: K.memory_read_bwd(
         do, q, k, v, lse, scale, wrap=wrap
     ),
