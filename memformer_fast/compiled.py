@@ -13,8 +13,9 @@ custom-op dispatch per call) and ``mode="reduce-overhead"`` captures them in its
 the CPU, interpreted kernels stay behind opaque ops (the reference backend is plain PyTorch).
 
 Dropout stays exact: each part still runs inside :func:`memformer_fast.randomness.seeded`,
-entered here, outside the graphs, and the mask is drawn by an opaque custom op that reads the
-generator of that call at run time; so a compiled MRBP draws the very masks BPTT draws.
+entered by :func:`~memformer_fast.rollout.run_segment` outside the graphs, and the mask is drawn
+by an opaque custom op that reads the generator of that call at run time; so a compiled MRBP
+draws the very masks BPTT draws.
 
 Compilation happens once per distinct situation, not per segment nor per call: Dynamo caches the
 graphs (keyed by guards on shapes, grad mode and which optional inputs are given), so the no-grad

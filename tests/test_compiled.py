@@ -9,6 +9,7 @@ AOTAutograd, without code generation; about 25 s a test here) and one test runs 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from testing_utils import (
     TINY_CLI,
     assert_mrbp_equals_bptt,
     grads,
+    make_model,
     relative_error,
     run,
-    tiny_model,
 )
 from torch._dynamo.utils import counters
 
@@ -30,11 +31,10 @@ from memformer_fast import Memformer, compiled, mrbp
 SEG = 6
 
 
-def make_model(arch: str, dropout: float = 0.1) -> Memformer:
-    return tiny_model(
-        arch, vocab_size=29, d_model=16, n_heads=2, d_ff=32, n_memory_slots=4,
-        segment_length=SEG, dropout=dropout,
-    ).train()  # fmt: skip
+make_model = functools.partial(
+    make_model, vocab_size=29, d_model=16, n_heads=2, d_ff=32, n_memory_slots=4,
+    segment_length=SEG, dropout=0.1,
+)  # fmt: skip
 
 
 def rollout(T: int, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

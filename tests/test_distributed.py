@@ -7,6 +7,7 @@ equal token counts per rank, DDP's mean over ranks of per-rank mean losses is th
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -18,18 +19,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from testing_utils import grads, tiny_model
+from testing_utils import grads, make_model
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from memformer_fast import Memformer, mrbp
+from memformer_fast import mrbp
 
 WORLD, ROWS, SEG, T = 2, 2, 4, 3  # ranks, batch rows per rank, segment length, segments
 TIMEOUT_S = 240
 
 
-def make_model(arch: str) -> Memformer:
-    return tiny_model(arch, n_encoder_layers=1, n_decoder_layers=1, segment_length=SEG)
+make_model = functools.partial(
+    make_model, n_encoder_layers=1, n_decoder_layers=1, segment_length=SEG
+)
 
 
 def batches() -> list[torch.Tensor]:

@@ -9,15 +9,16 @@ bad input raises a clear error and changes nothing.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_bad_input import META, Case, check_case, make_env
-from testing_utils import assert_mrbp_equals_bptt, grads, relative_error, tiny_model
+from testing_utils import assert_mrbp_equals_bptt, grads, make_model, relative_error
 
-from memformer_fast import Memformer, mrbp
+from memformer_fast import mrbp
 
 ARCHS = ["encoder-decoder", "decoder"]
 L = 6  # segment length of the models below
@@ -25,11 +26,9 @@ V = 31
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 
 
-def make_model(arch: str, dropout: float = 0.1, dtype: torch.dtype = torch.float32) -> Memformer:
-    model = tiny_model(
-        arch, vocab_size=V, n_memory_slots=4, segment_length=L, dropout=dropout, memory_dtype=dtype
-    )
-    return model.to(dtype).train()
+make_model = functools.partial(
+    make_model, vocab_size=V, n_memory_slots=4, segment_length=L, dropout=0.1
+)
 
 
 def packed_batch(T: int = 7, B: int = 3, ragged: int = 2):

@@ -59,6 +59,15 @@ def tiny_model(architecture: str = "decoder", seed: int = 0, **overrides: Any) -
     return Memformer(tiny_config(architecture, **overrides))
 
 
+def make_model(
+    architecture: str = "decoder", *, dtype: torch.dtype = torch.float32, seed: int = 0,
+    **overrides: Any,
+) -> Memformer:  # fmt: skip
+    """:func:`tiny_model` in training mode with its parameters and memory in ``dtype``; a test
+    file binds its sizes once (``functools.partial(make_model, **SIZES)``)."""
+    return tiny_model(architecture, seed, memory_dtype=dtype, **overrides).to(dtype).train()
+
+
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every ``.grad`` of ``model`` that is set, by parameter name."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -73,12 +82,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @dataclass
 class BPTTAndMRBP:
     """What :func:`assert_mrbp_equals_bptt` compared: each side's parameter gradients and the
-    gradient of its own copy of the given memory (None when no memory was given)."""
+    gradient of its own copy of the given memory (None when no memory was given), and the
+    segments MRBP counted."""
 
     bptt: dict[str, torch.Tensor]
     mrbp: dict[str, torch.Tensor]
     bptt_memory_grad: torch.Tensor | None
     mrbp_memory_grad: torch.Tensor | None
+    num_segments: int
 
 
 def assert_mrbp_equals_bptt(
@@ -131,6 +142,7 @@ def assert_mrbp_equals_bptt(
         actual,
         None if m_bptt is None else m_bptt.grad,
         None if m_mrbp is None else m_mrbp.grad,
+        result.num_segments,
     )
 
 
