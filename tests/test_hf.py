@@ -383,17 +383,8 @@ def test_loading_a_checkpoint_of_another_shape_fails_clearly(tmp_path: Path) -> 
 def test_export_cli_writes_a_folder_auto_classes_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = MemformerConfig(
-        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
-        n_memory_slots=4, segment_length=8, architecture="decoder", backend="reference",
-    )  # fmt: skip
-    text = b"def f(x):\n    return x + 1\n" * 40
-    settings = TrainSettings(batch_size=2, segments=2, steps=1, warmup_steps=1)
-    ByteTrainer.create(config, ByteData.from_bytes(text, 16, 0.1), settings).save(
-        tmp_path / "run" / "checkpoint.pt"
-    )
     out_dir = tmp_path / "hf"
-    assert main(["export", str(tmp_path / "run"), str(out_dir)]) == 0
+    assert main(["export", str(byte_checkpoint(tmp_path / "run")), str(out_dir)]) == 0
     assert "wrote" in capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     prompt = "héllo\n\tdef "
