@@ -272,7 +272,8 @@ GROUPS = {
     "fixed_clip": "the matrix before SpikeClip (gradients clipped at 1.0 only)",
     "old_lr": "the first matrix, at lr 3e-3 (before the lr was lowered)",
     "lr_range": "the recipe (mixed lengths to 16, memory bias 0.001) at lr 3e-4 and 3e-3, "
-    "with SpikeClip and with clipping at 1.0 only",
+    "with SpikeClip and with clipping at 1.0 only; with the memory noise 0.8 also at 1e-3 "
+    "with clipping at 1.0 only",
 }
 
 
