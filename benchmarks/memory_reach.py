@@ -65,27 +65,28 @@ def _trace_points(longest: int) -> list[int]:
 
 @contextmanager
 def _recorded_updates() -> Iterator[list[dict[str, Tensor]]]:
-    """Record the arguments of every memory update (the writer calls
-    ``functional.gated_memory_update``) and every memory read's attention probabilities."""
+    """Record the arguments of every memory update and every memory read's attention
+    probabilities. The layers validate once and call functional's unchecked twins
+    (``_gated_memory_update``, ``_memory_read_attention``), so those are the ones recorded."""
     calls: list[dict[str, Tensor]] = []
-    update, read = functional.gated_memory_update, functional.memory_read_attention
+    update, read = functional._gated_memory_update, functional._memory_read_attention
 
-    def recording_update(memory, candidate, bias, gate_logits=None, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_update(memory, candidate, bias, gate_logits, *args):  # type: ignore[no-untyped-def]
         calls.append(dict(memory=memory, candidate=candidate, bias=bias, gate_logits=gate_logits))
-        return update(memory, candidate, bias, gate_logits, **kwargs)
+        return update(memory, candidate, bias, gate_logits, *args)
 
-    def recording_read(q, k, v, **kwargs):  # type: ignore[no-untyped-def]
-        scale = q.shape[-1] ** -0.5
+    def recording_read(q, k, v, scale, *args):  # type: ignore[no-untyped-def]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         probs = torch.softmax(torch.einsum("blhd,bshd->blhs", q.float(), k.float()) * scale, -1)
         calls.append(dict(read=probs))  # [B, L, H, S]
-        return read(q, k, v, **kwargs)
+        return read(q, k, v, scale, *args)
 
-    functional.gated_memory_update = recording_update
-    functional.memory_read_attention = recording_read
+    functional._gated_memory_update = recording_update
+    functional._memory_read_attention = recording_read
     try:
         yield calls
     finally:
-        functional.gated_memory_update, functional.memory_read_attention = update, read
+        functional._gated_memory_update, functional._memory_read_attention = update, read
 
 
 def _twins(task: RecallTask, pairs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
