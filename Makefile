@@ -45,9 +45,11 @@ bench: install
 		--benchmark-json=benchmarks/results/cpu/cpu.json
 	$(PYTHON) benchmarks/report.py benchmarks/results/cpu/cpu.json
 
-# What the memory buys on real text: two ~7-minute trainings side by side on the standard library's
-# sources (with memory, and reset every segment), then both evaluated on held-out files; writes
-# benchmarks/results/real_text/results.{md,json}. `python benchmarks/real_text.py --smoke`: ~1 min.
+# What the memory buys on real text: the Memformer, the same model with its memory reset every
+# segment, a Transformer-XL cache and a decoder with twice the context, each trained 150 steps on
+# the standard library's sources and on pydoc's reference prose (8 trainings, 2 at a time, one
+# thread each: 38 minutes on 2 cores shared with other jobs), evaluated on held-out documents; writes
+# benchmarks/results/real_text/results.{md,json} and a plot. `--smoke`: about a minute.
 real-text: install
 	$(PYTHON) benchmarks/real_text.py
 
