@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from memformer_fast import Memformer
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 memory_reach = pytest.importorskip("memory_reach")
 memory_learning = pytest.importorskip("memory_learning")
@@ -18,7 +20,7 @@ memory_learning = pytest.importorskip("memory_learning")
 def test_stream_reach_traces_the_key_slot_at_every_length(arch: str) -> None:
     torch.manual_seed(0)
     config = memory_learning.build_config(arch, 16, memory_learning.TASK, {})
-    model = memory_learning.Memformer(config).eval()
+    model = Memformer(config).eval()
     result = memory_reach.stream_reach(model, memory_learning.TASK, [4, 5, 8], pairs=4)
     assert set(map(int, result["accuracy"])) == {4, 5, 8}
     assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
