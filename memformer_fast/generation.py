@@ -203,7 +203,9 @@ class SegmentStream:
                 kept.append(h[:, first_kept:])
             if self.length == L:  # segment complete: write it and start the next one
                 hidden = torch.cat(self.hidden, 1)
-                self.memory = model.writer(self.memory, hidden, self._segment_mask())
+                self.memory = model.writer(
+                    self.memory, hidden, self._segment_mask(), validate=False
+                )
                 self.block_caches, self.hidden, self.masks = new_caches(model), [], []
                 self.segment_ids, self.length = [], 0
         return model.decode(None, model.norm(torch.cat(kept, dim=1)))

@@ -195,7 +195,8 @@ def encode(
     if reset is not None:
         memory = model.reset_memory(memory, reset)
     if not with_context:
-        return None, model.writer(memory, model._run_blocks(ids, memory, mask), mask)
+        h = model._run_blocks(ids, memory, mask)
+        return None, model.writer(memory, h, mask, validate=False)
     if not with_memory:
         return model.norm(model._run_blocks(ids, memory, mask)), None
     return model.read_segment(ids, memory, mask)

@@ -1,4 +1,4 @@
-"""MemformerConfig serialisation and the named presets."""
+"""MemformerConfig (``memformer_fast.config``): serialisation and the messages of bad fields."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from memformer_fast import MemformerConfig
-from memformer_fast.presets import PRESETS, preset
 
 
 def test_to_dict_is_json_and_round_trips() -> None:
@@ -33,19 +32,3 @@ def test_from_dict_names_what_is_wrong() -> None:
         MemformerConfig.from_dict({**d, "memory_dtype": "float33"})
     with pytest.raises(TypeError, match="d must be a dict"):
         MemformerConfig.from_dict([("vocab_size", 5)])  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_builds_a_valid_config(name: str) -> None:
-    fields = preset(name)
-    fields.setdefault("vocab_size", 256)
-    fields.setdefault("d_ff", 4 * fields["d_model"])
-    MemformerConfig(**fields)
-
-
-def test_preset_is_a_copy_and_names_a_bad_name() -> None:
-    preset("tiny")["d_model"] = 999
-    assert PRESETS["tiny"]["d_model"] == 16
-    assert preset("tiny", d_model=8)["d_model"] == 8
-    with pytest.raises(ValueError, match="name must be one of"):
-        preset("huge")

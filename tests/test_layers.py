@@ -3,12 +3,10 @@ attention masks and causality."""
 
 from __future__ import annotations
 
-from collections import Counter
-from types import ModuleType
-
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import count_checks
 
 from memformer_fast import MemoryWriter
 
@@ -179,32 +177,6 @@ def test_causal_blocks_stay_causal_with_any_bool_mask():
                 assert grad[1, 3].abs().max() == 0, name
 
 
-def _count_checks(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
-    """Every check of layers, functional and validation counted as (check, what it was called
-    for): the first string argument (the argument's name) or, without one, the check alone."""
-    from memformer_fast import functional, layers, validation
-
-    counts: Counter[tuple[str, str]] = Counter()
-
-    def counting(module: ModuleType, name: str) -> None:
-        check = getattr(module, name)
-
-        def counted(*args: object, **kwargs: object) -> object:
-            label = next((a for a in args if isinstance(a, str)), "")
-            counts[(name, label)] += 1
-            return check(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-
-    for module in (layers, functional, validation):
-        for name in dir(module):
-            if name.startswith(("check_", "_check_", "mask_format")) and callable(
-                getattr(module, name)
-            ):
-                counting(module, name)
-    return counts
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_memory_block_validates_each_argument_once(
     monkeypatch: pytest.MonkeyPatch, causal: bool
@@ -217,7 +189,7 @@ def test_memory_block_validates_each_argument_once(
     block = MemoryBlock(16, 2, 32, 0.0, "reference", causal=causal)
     h, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
     mask = attention_mask_2d(torch.rand(2, 5) > 0.3, 5, causal, h.device)
-    counts = _count_checks(monkeypatch)
+    counts = count_checks(monkeypatch)
     block(h, memory, mask)
     leaf_checks = {
         ("check_states", "h"): 1,
@@ -236,7 +208,7 @@ def test_memory_writer_validates_each_argument_once(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(0)
     writer = MemoryWriter(16, 2, 3, backend="reference")
     memory, x, mask = torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.rand(2, 5) > 0.3
-    counts = _count_checks(monkeypatch)
+    counts = count_checks(monkeypatch)
     writer(memory, x, mask)
     assert counts == {
         ("check_states", "memory"): 1,
@@ -252,7 +224,7 @@ def test_public_functional_validates_once(monkeypatch: pytest.MonkeyPatch) -> No
     from memformer_fast import functional
 
     q, k = torch.randn(2, 5, 2, 4), torch.randn(2, 3, 2, 4)
-    counts = _count_checks(monkeypatch)
+    counts = count_checks(monkeypatch)
     functional.memory_read_attention(q, k, k, backend="reference")
     assert counts[("_check_tensors", "")] == 1
     assert counts[("_check_shape", "q")] == counts[("_check_shape", "k")] == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_utils import tiny_model
+from testing_utils import count_checks, tiny_model
 
 from memformer_fast import Memformer
 
@@ -97,3 +97,41 @@ def test_odd_head_dim(arch):
     assert torch.isfinite(loss) and memory.shape == (2, 3, 30)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["forward", "sequence_loss", "generate", "stream"])
+def test_public_methods_validate_each_argument_once(
+    monkeypatch: pytest.MonkeyPatch, arch: str, method: str
+) -> None:
+    """One public call checks each argument once, and the tensors it builds (the blocks' and the
+    writer's inputs, every segment's) not at all."""
+    model = tiny(arch)
+    L = model.config.segment_length
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * L), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, -2:] = False
+    memory, flags = model.init_memory(2).detach(), torch.tensor([True, False])
+    calls = {
+        "forward": lambda: model(ids[:, :L], memory, mask[:, :L], labels=ids[:, :L], reset=flags),
+        "sequence_loss": lambda: model.sequence_loss(
+            ids, memory, mask, ids, resets=torch.zeros(2, 3, dtype=torch.bool)
+        ),
+        "generate": lambda: model.generate(ids[:, : L + 2], L, memory, reset=flags),
+        "stream": lambda: list(model.stream(ids[:, : L + 2], L, memory, reset=flags)),
+    }
+    arguments = {
+        "forward": [("check_ids", "input_ids"), ("check_mask", "attention_mask"),
+                    ("mask_format", "attention_mask"), ("check_resets", "reset"),
+                    ("check_memory", ""), ("check_labels", "")]
+                   + [("check_ids", "decoder_input_ids")] * (arch == "encoder-decoder"),
+        "sequence_loss": [("check_ids", "input_ids"), ("mask_format", "attention_mask"),
+                          ("check_resets", "resets"), ("check_memory", ""),
+                          ("check_labels", "")],
+        "generate": [("check_ids", "prompt_ids"), ("check_resets", "reset"),
+                     ("check_memory", "")],
+    }  # fmt: skip
+    counts = count_checks(monkeypatch)
+    calls[method]()
+    assert counts == dict.fromkeys(arguments.get(method, arguments["generate"]), 1), counts

@@ -9,9 +9,11 @@ import torch
 from testing_utils import (
     LiveSavedBytes,
     assert_mrbp_equals_bptt,
+    count_checks,
     grads,
     make_model,
     relative_error,
+    tiny_model,
 )
 
 from memformer_fast import mrbp
@@ -164,3 +166,65 @@ def test_activation_memory_is_flat_in_rollout_length():
         peaks[T] = (m.peak, b.peak)
     assert peaks[12][0] == peaks[4][0], peaks  # MRBP: one segment's activations, whatever T
     assert peaks[12][1] > 2.5 * peaks[4][1], peaks  # BPTT: grows with T
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_validates_each_argument_once(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """One ``mrbp.backward`` checks each argument once, and no segment's tensors (neither on the
+    critical path nor in the replay) again."""
+    model = make_model(arch)
+    ids, mask, labels = rollout(T=3)
+    memory = model.init_memory(ids.shape[0]).detach()
+    counts = count_checks(monkeypatch)
+    mrbp.backward(model, ids, memory, attention_mask=mask, labels=labels)
+    arguments = [
+        ("check_ids", "input_ids"),
+        ("mask_format", "attention_mask"),
+        ("check_resets", "resets"),
+        ("check_labels", ""),
+        ("check_memory", ""),
+    ]
+    assert counts == dict.fromkeys(arguments, 1), counts
+
+
+# ------------------------------------------------------------------ gradient hooks: refused
+
+
+def test_mrbp_refuses_post_accumulate_grad_hooks() -> None:
+    """The optimizer-in-backward pattern would see one partial gradient per segment under MRBP:
+    refused before anything runs, with the parameter named; nothing changes."""
+    model = tiny_model("decoder")
+    ids = torch.randint(0, 23, (2, 15), generator=torch.Generator().manual_seed(0))
+    model.sequence_loss(ids)[0].backward()
+    before = grads(model)
+    calls: list[torch.Tensor] = []
+    model.writer.bias.register_post_accumulate_grad_hook(calls.append)
+    with pytest.raises(RuntimeError, match=r"parameter 'writer.bias' has a post-accumulate-grad"):
+        mrbp.backward(model, ids)
+    assert not calls
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, before[name]), name
+    # BPTT fires it once per step, with the whole gradient.
+    model.zero_grad(set_to_none=True)
+    model.sequence_loss(ids)[0].backward()
+    assert len(calls) == 1 and calls[0] is model.writer.bias
+
+
+def test_mrbp_refuses_plain_gradient_hooks() -> None:
+    """A ``register_hook`` hook would run once per segment under MRBP (once per rollout under
+    BPTT), and a non-linear one (a clamp) would give other gradients than BPTT: refused like
+    post-accumulate hooks, before anything runs; a removed hook is no hook."""
+    model = tiny_model("decoder")
+    ids = torch.randint(0, 23, (2, 15), generator=torch.Generator().manual_seed(0))
+    model.sequence_loss(ids)[0].backward()
+    before = grads(model)
+    calls: list[torch.Tensor] = []
+    weight = model.blocks[0].ff[0].weight
+    handle = weight.register_hook(lambda g: calls.append(g) or g.clamp(-1e-3, 1e-3))
+    with pytest.raises(RuntimeError, match=r"parameter 'blocks.0.ff.0.weight' has a gradient hook"):
+        mrbp.backward(model, ids)
+    assert not calls
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, before[name]), name
+    handle.remove()
+    mrbp.backward(model, ids)  # no hook left: accepted

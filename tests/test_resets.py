@@ -15,8 +15,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_bad_input import META, Case, check_case, make_env
-from testing_utils import assert_mrbp_equals_bptt, grads, make_model, relative_error
+from testing_utils import (
+    BAD_CALL_MODEL,
+    META,
+    Case,
+    assert_mrbp_equals_bptt,
+    bad_call_env,
+    check_case,
+    grads,
+    make_model,
+    relative_error,
+)
 
 from memformer_fast import mrbp
 
@@ -209,7 +218,7 @@ def test_generate_with_reset_rows(arch: str) -> None:
 
 # ----------------------------------------------------------------------------- bad input
 
-SEG = 4  # the models of test_bad_input: 2 rows, segments of 4 tokens, rollouts of 2 segments
+SEG = BAD_CALL_MODEL["segment_length"]  # bad_call_env's models: 2 rows, rollouts of 2 segments
 FLAGS = torch.tensor([True, False])
 COLUMNS = torch.tensor([[True, False], [False, True]])
 
@@ -246,7 +255,7 @@ RESET_CASES = [
 
 @pytest.fixture(scope="module")
 def env() -> SimpleNamespace:
-    return make_env()
+    return bad_call_env()
 
 
 @pytest.mark.parametrize("case", RESET_CASES, ids=[c.id for c in RESET_CASES])

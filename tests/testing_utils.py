@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from memformer_fast import Memformer, MemformerConfig, mrbp
+from memformer_fast import (
+    Memformer,
+    MemformerConfig,
+    MemoryReader,
+    ReplayBuffer,
+    functional,
+    layers,
+    mrbp,
+    validation,
+)
 from memformer_fast.app.cli import main
 from memformer_fast.presets import preset
 
@@ -146,6 +159,35 @@ def assert_mrbp_equals_bptt(
     )
 
 
+def count_checks(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
+    """Count every argument check of ``layers``, ``functional`` and ``validation`` (a function
+    named ``check_*``, ``_check_*`` or ``mask_format``) as (check, what it was called for: its
+    first string argument, the argument's name, or "" without one), wherever the package calls
+    it from: each module of ``memformer_fast`` that imported a check has its name patched too."""
+    counts: Counter[tuple[str, str]] = Counter()
+
+    def counting(name: str, check: Any) -> Any:
+        def counted(*args: object, **kwargs: object) -> object:
+            label = next((a for a in args if isinstance(a, str)), "")
+            counts[(name, label)] += 1
+            return check(*args, **kwargs)
+
+        return counted
+
+    counted = {
+        check: counting(name, check)
+        for module in (layers, functional, validation)
+        for name, check in vars(module).items()
+        if name.startswith(("check_", "_check_", "mask_format")) and callable(check)
+    }
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] == "memformer_fast":
+            for name, value in list(vars(module).items()):
+                if callable(value) and value in counted:
+                    monkeypatch.setattr(module, name, counted[value])
+    return counts
+
+
 class LiveSavedBytes:
     """Peak bytes held by autograd for backward: every saved tensor counted while it is alive."""
 
@@ -170,3 +212,94 @@ class LiveSavedBytes:
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------ bad calls
+# The harness of test_validation.py and test_resets.py: each bad call must raise the right
+# exception and change nothing in the environment it was given.
+
+BAD_CALL_OPS = (2, 5, 3, 2, 4)  # the op inputs: batch, tokens, slots, heads, head dim
+BAD_CALL_MODEL: dict[str, Any] = dict(  # the two models: rollouts of 2 segments, 2 rows
+    vocab_size=11,
+    d_model=16,
+    n_encoder_layers=1,
+    n_decoder_layers=1,
+    n_memory_slots=3,
+    segment_length=4,
+)
+META = torch.device("meta")  # stands in for a second device
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad call: what it does, the exception it must raise, what the message must say."""
+
+    id: str
+    call: Callable[[SimpleNamespace], object]
+    error: type[BaseException]
+    says: tuple[str, ...]
+
+
+def bad_call_env() -> SimpleNamespace:
+    """Two tiny models with gradients already accumulated, a carried memory, op inputs."""
+    B, L, S, H, DH = BAD_CALL_OPS
+    vocab, width, seg = (BAD_CALL_MODEL[k] for k in ("vocab_size", "d_model", "segment_length"))
+    torch.manual_seed(0)
+    e = SimpleNamespace()
+    e.dec = Memformer(tiny_config("decoder", **BAD_CALL_MODEL))
+    e.encdec = Memformer(tiny_config("encoder-decoder", **BAD_CALL_MODEL))
+    e.ids = torch.randint(0, vocab, (2, 2 * seg))  # a rollout of two segments
+    e.seg = e.ids[:, :seg]
+    for model in (e.dec, e.encdec):
+        model.sequence_loss(e.ids)[0].backward()  # every .grad exists: accumulation must not move
+    e.memory = e.dec.init_memory(2).detach().clone()
+    e.h = torch.randn(2, seg, width)
+    e.reader = MemoryReader(width, 2, backend="reference")
+    # op inputs
+    e.q, e.k, e.v = torch.randn(B, L, H, DH), torch.randn(B, S, H, DH), torch.randn(B, S, H, DH)
+    e.qs, e.ks, e.vs = torch.randn(B, S, H, DH), torch.randn(B, S, H, DH), torch.randn(B, S, H, DH)
+    e.kt, e.vt = torch.randn(B, L, H, DH), torch.randn(B, L, H, DH)
+    e.mask = torch.rand(B, L) > 0.3
+    e.m, e.c, e.g = torch.randn(B, S, width), torch.randn(B, S, width), torch.randn(B, S, width)
+    e.bias = torch.randn(S, width)
+    return e
+
+
+def snapshot(e: SimpleNamespace) -> dict[str, object]:
+    """Clones of everything a failed call must leave alone."""
+    state: dict[str, object] = {}
+    for name, value in vars(e).items():
+        if isinstance(value, torch.Tensor):
+            state[name] = value.clone()
+        elif isinstance(value, torch.nn.Module):
+            for pname, p in value.named_parameters():
+                state[f"{name}.{pname}"] = p.detach().clone()
+                state[f"{name}.{pname}.grad"] = None if p.grad is None else p.grad.clone()
+        elif isinstance(value, ReplayBuffer):
+            state[name] = [(value.get(i).clone(), value.rng_seed(i)) for i in range(len(value))]
+    return state
+
+
+def assert_same(before: object, after: object, name: str) -> None:
+    if isinstance(before, torch.Tensor):
+        assert isinstance(after, torch.Tensor) and torch.equal(before, after), f"{name} changed"
+    elif isinstance(before, list):
+        assert isinstance(after, list) and len(before) == len(after), f"{name} changed length"
+        for i, ((s0, r0), (s1, r1)) in enumerate(zip(before, after)):
+            assert torch.equal(s0, s1) and r0 == r1, f"{name}[{i}] changed"
+    else:
+        assert before is None and after is None, f"{name} changed"
+
+
+def check_case(e: SimpleNamespace, case: Case) -> None:
+    """The call raises the case's exception with every fragment, and changes nothing in ``e``."""
+    before = snapshot(e)
+    with pytest.raises(case.error) as info:
+        case.call(e)
+    message = str(info.value)
+    for fragment in case.says:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    after = snapshot(e)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert_same(before[name], after[name], name)

@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis) of the three operations' shapes and values.
+"""The three operations of ``memformer_fast.functional``: property-based tests (hypothesis) of
+their shapes and values, and double backward per backend.
 
 The oracles are independent of ``reference.py``: ``scaled_dot_product_attention`` for both
 attentions (the write as one query per slot over ``[self, tokens]``) and ``F.normalize`` for the
@@ -8,6 +9,9 @@ giving ``v_self`` exactly, masked tokens being ignored, unit-norm updates, scale
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +19,7 @@ from hypothesis import strategies as st
 from testing_utils import relative_error
 
 from memformer_fast import functional
+from memformer_fast.backends import triton_available
 
 # The conftest's autouse fixtures are function-scoped; they are idempotent, so sharing them across
 # examples is fine.
@@ -220,3 +225,39 @@ def test_update_of_zero_is_zero_not_nan(B, S, D, eps):
     zero = torch.zeros(B, S, D)
     new = functional.gated_memory_update(zero, zero, torch.zeros(S, D), zero, eps=eps)
     assert torch.equal(new, zero)
+
+
+# ------------------------------------------------------------------ double backward
+
+
+def _ops(dtype: torch.dtype) -> list[tuple[str, Callable[..., torch.Tensor], list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    return [
+        ("read", functional.memory_read_attention, [r(1, 3, 1, 4), r(1, 2, 1, 4), r(1, 2, 1, 4)]),
+        (
+            "write",
+            functional.memory_write_attention,
+            [r(1, 2, 1, 4), r(1, 2, 1, 4), r(1, 2, 1, 4), r(1, 3, 1, 4), r(1, 3, 1, 4)],
+        ),
+        ("update", functional.gated_memory_update, [r(1, 2, 4), r(1, 2, 4), r(2, 4), r(1, 2, 4)]),
+    ]
+
+
+@pytest.mark.parametrize("op", ["read", "write", "update"])
+def test_double_backward_works_on_reference(op: str) -> None:
+    _name, fn, inputs = next(o for o in _ops(torch.float64) if o[0] == op)
+    assert torch.autograd.gradgradcheck(lambda *x: fn(*x, backend="reference"), inputs)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("op", ["read", "write", "update"])
+def test_double_backward_on_triton_raises_clearly(op: str) -> None:
+    _name, fn, inputs = next(o for o in _ops(torch.float32) if o[0] == op)
+    out = fn(*inputs, backend="triton")
+    first = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward .* not supported by backend='triton'"):
+        sum(g.sum() for g in first).backward()

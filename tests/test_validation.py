@@ -1,4 +1,5 @@
-"""Bad input at every public entry point: a clear Python exception, and nothing changed.
+"""Validation: bad input at every public entry point gives a clear Python exception and
+changes nothing (``memformer_fast.validation``'s checks and each entry point's own).
 
 Each case in ``CASES`` is one row of the table in ``docs/robustness.md``: the call, the exception
 type and fragments its message must contain (the argument's name, what was expected and what was
@@ -10,62 +11,32 @@ documented behaviour is tested at the end of the file.
 
 from __future__ import annotations
 
+import functools
 import pathlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
-from testing_utils import tiny_config
-
-from memformer_fast import (
-    Memformer,
-    MemformerConfig,
-    MemoryReader,
-    ReplayBuffer,
-    functional,
-    mrbp,
+from testing_utils import (
+    BAD_CALL_MODEL,
+    BAD_CALL_OPS,
+    META,
+    Case,
+    assert_same,
+    bad_call_env,
+    check_case,
+    tiny_config,
 )
+
+from memformer_fast import Memformer, ReplayBuffer, functional, mrbp
 from memformer_fast.layers import attention_mask_2d
 
-B, L, S, H, DH = 2, 5, 3, 2, 4  # op shapes: batch, tokens, slots, heads, head dim
-VOCAB, WIDTH, SLOTS, SEG = 11, 16, 3, 4  # the tiny models
+B, L, S, H, DH = BAD_CALL_OPS
+VOCAB, WIDTH, SLOTS, SEG = (
+    BAD_CALL_MODEL[k] for k in ("vocab_size", "d_model", "n_memory_slots", "segment_length")
+)
+make_config = functools.partial(tiny_config, **BAD_CALL_MODEL)
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
-
-
-def make_config(arch: str = "decoder", **overrides) -> MemformerConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        d_model=WIDTH,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        n_memory_slots=SLOTS,
-        segment_length=SEG,
-    )
-    return tiny_config(arch, **{**fields, **overrides})
-
-
-def make_env() -> SimpleNamespace:
-    """Two tiny models with gradients already accumulated, a carried memory, op inputs, buffers."""
-    torch.manual_seed(0)
-    e = SimpleNamespace()
-    e.dec, e.encdec = Memformer(make_config("decoder")), Memformer(make_config("encoder-decoder"))
-    e.ids = torch.randint(0, VOCAB, (2, 2 * SEG))  # a rollout of two segments
-    e.seg = e.ids[:, :SEG]
-    for model in (e.dec, e.encdec):
-        model.sequence_loss(e.ids)[0].backward()  # every .grad exists: accumulation must not move
-    e.memory = e.dec.init_memory(2).detach().clone()
-    e.h = torch.randn(2, SEG, WIDTH)
-    e.reader = MemoryReader(WIDTH, 2, backend="reference")
-    # op inputs
-    e.q, e.k, e.v = torch.randn(B, L, H, DH), torch.randn(B, S, H, DH), torch.randn(B, S, H, DH)
-    e.qs, e.ks, e.vs = torch.randn(B, S, H, DH), torch.randn(B, S, H, DH), torch.randn(B, S, H, DH)
-    e.kt, e.vt = torch.randn(B, L, H, DH), torch.randn(B, L, H, DH)
-    e.mask = torch.rand(B, L) > 0.3
-    e.m, e.c, e.g = torch.randn(B, S, WIDTH), torch.randn(B, S, WIDTH), torch.randn(B, S, WIDTH)
-    e.bias = torch.randn(S, WIDTH)
-    return e
 
 
 def with_value(memory: torch.Tensor, value: float) -> torch.Tensor:
@@ -89,48 +60,12 @@ def make_buffer_env() -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def env() -> SimpleNamespace:
-    return make_env()
+    return bad_call_env()
 
 
 @pytest.fixture(scope="module")
 def buffer_env() -> SimpleNamespace:
     return make_buffer_env()
-
-
-def snapshot(e: SimpleNamespace) -> dict[str, object]:
-    """Clones of everything a failed call must leave alone."""
-    state: dict[str, object] = {}
-    for name, value in vars(e).items():
-        if isinstance(value, torch.Tensor):
-            state[name] = value.clone()
-        elif isinstance(value, torch.nn.Module):
-            for pname, p in value.named_parameters():
-                state[f"{name}.{pname}"] = p.detach().clone()
-                state[f"{name}.{pname}.grad"] = None if p.grad is None else p.grad.clone()
-        elif isinstance(value, ReplayBuffer):
-            state[name] = [(value.get(i).clone(), value.rng_seed(i)) for i in range(len(value))]
-    return state
-
-
-def assert_same(before: object, after: object, name: str) -> None:
-    if isinstance(before, torch.Tensor):
-        assert isinstance(after, torch.Tensor) and torch.equal(before, after), f"{name} changed"
-    elif isinstance(before, list):
-        assert isinstance(after, list) and len(before) == len(after), f"{name} changed length"
-        for i, ((s0, r0), (s1, r1)) in enumerate(zip(before, after)):
-            assert torch.equal(s0, s1) and r0 == r1, f"{name}[{i}] changed"
-    else:
-        assert before is None and after is None, f"{name} changed"
-
-
-@dataclass(frozen=True)
-class Case:
-    """One bad call: what it does, the exception it must raise, what the message must say."""
-
-    id: str
-    call: Callable[[SimpleNamespace], object]
-    error: type[BaseException]
-    says: tuple[str, ...]
 
 
 def read(e, **kw):
@@ -158,7 +93,6 @@ def causal(e) -> torch.Tensor:
     return attention_mask_2d(keys, SEG, True, torch.device("cpu"))
 
 
-META = torch.device("meta")  # stands in for a second device
 NAN, INF = float("nan"), float("inf")
 
 CASES = [
@@ -467,20 +401,6 @@ CONFIG_CASES = [
 ]
 
 
-def check_case(e: SimpleNamespace, case: Case) -> None:
-    """The call raises the case's exception with every fragment, and changes nothing in ``e``."""
-    before = snapshot(e)
-    with pytest.raises(case.error) as info:
-        case.call(e)
-    message = str(info.value)
-    for fragment in case.says:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    after = snapshot(e)
-    assert before.keys() == after.keys()
-    for name in before:
-        assert_same(before[name], after[name], name)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_raises_and_changes_nothing(env: SimpleNamespace, case: Case) -> None:
     check_case(env, case)
@@ -665,11 +585,17 @@ def test_docs_list_every_robustness_case() -> None:
 
     text = DOCS.read_text()
     tests = pathlib.Path(__file__).resolve().parent
+    listed = {  # file: the prefix of its tests that the document lists
+        "test_train_robustness.py": "test_",
+        "test_randomness.py": "test_",
+        "test_mrbp.py": "test_mrbp_refuses_",  # the semantics refused
+        "test_functional.py": "test_double_backward_",  # the semantics stated
+    }
     names = [
         node.name
-        for file in ("test_train_robustness.py", "test_randomness.py", "test_semantics.py")
+        for file, prefix in listed.items()
         for node in ast.parse((tests / file).read_text()).body
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+        if isinstance(node, ast.FunctionDef) and node.name.startswith(prefix)
     ]
     names += [name for name in dir(test_cli) if name.startswith("test_generate_")]
     names += [case[0] for case in test_cli.BAD_FLAGS] + list(test_train_robustness.HAND_EDITS)
