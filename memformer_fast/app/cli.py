@@ -594,8 +594,8 @@ def _add_demo(sub: Any) -> None:
         "--size",
         choices=tuple(SIZES),
         default="small",
-        help="small: 16 segments; on 2 CPU cores about 4.5 minutes of training and evaluation "
-        "(262 s measured), then a few minutes for --reach; large: a wider, deeper model on 32 "
+        help="small: 16 segments; on 2 CPU cores a few minutes of training and evaluation, "
+        "then a few minutes for --reach; large: a wider, deeper model on 32 "
         "segments of 32 tokens (a GPU is advised) (default small)",
     )
     demo.add_argument(
