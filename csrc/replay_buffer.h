@@ -1,5 +1,6 @@
-// The MRBP replay buffer (SPEC section 5): preallocated storage for `capacity` states of one
-// shape and dtype, each with the integer seed that recreates its segment's randomness.
+// The MRBP replay buffer (docs/design.md, "Memory Replay Back-Propagation"): preallocated
+// storage for `capacity` states of one shape and dtype, each with the integer seed that
+// recreates its segment's randomness.
 //
 // ReplayBuffer validates arguments and keeps the bookkeeping (size, seeds); a Storage decides
 // where states live and how they move: host memory (cpu), device memory (cuda), or pinned host
