@@ -11,116 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import CLI_TEXT, TINY_CLI, run
+from testing_utils import CLI_TEXT, TINY_CLI, run, small_trainer
 
-from memformer_fast import Memformer, MemformerConfig, mrbp
+from memformer_fast import mrbp
 from memformer_fast.app.cli import build_parser, main
-from memformer_fast.app.data import VOCAB_SIZE, ByteData
-from memformer_fast.app.recall import (
-    FIRST_KEY,
-    MARKER_TOKEN,
-    QUERY_TOKEN,
-    RecallTask,
-    curriculum,
-    recall_accuracy,
-)
 from memformer_fast.app.training import Trainer, TrainSettings, load_checkpoint, resumed_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# ------------------------------------------------------------------------------ the recall task
-
-
-def test_recall_task_layout() -> None:
-    task = RecallTask(segment_length=8, num_keys=5, num_distractors=7)
-    ids, labels, keys = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
-    assert ids.shape == labels.shape == (64, 24) and keys.shape == (64,)
-    assert task.vocab_size == FIRST_KEY + 12 and task.chance == pytest.approx(0.2)
-    # key_copies marker-key pairs in the first segment, no marker anywhere else.
-    is_marker = ids == MARKER_TOKEN
-    assert (is_marker[:, :8].sum(1) == 2).all() and not is_marker[:, 8:].any()
-    after = torch.roll(is_marker[:, :8], 1, dims=1)
-    assert (ids[:, :8][after].view(64, 2) == keys[:, None]).all()
-    # Other positions hold any content token, keys included: only the marker tells the key.
-    assert ((ids[:, 8:-2] >= FIRST_KEY) & (ids[:, 8:-2] < FIRST_KEY + 5)).any()
-    assert (ids[:, -2] == QUERY_TOKEN).all() and (ids[:, -1] == keys).all()
-    assert (labels[:, :-1] == -100).all() and (labels[:, -1] == keys).all()
-    assert ids.min() >= 1 and ids.max() < task.vocab_size  # token 0 is BOS, never in a sequence
-    single, _, single_keys = task.sample(256, 2, generator=torch.Generator().manual_seed(1))
-    first = single[:, :8]
-    assert ((first == MARKER_TOKEN).sum(1) == 1).all()
-    positions = (first == MARKER_TOKEN).int().argmax(1)
-    assert (first[torch.arange(256), positions + 1] == single_keys).all()
-    assert len(positions.unique()) == 7  # every place a marker-key pair fits
-    again, _, _ = task.sample(64, 3, key_copies=2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ids, again)
-    with pytest.raises(ValueError, match="num_segments"):
-        task.sample(2, 1)
-    with pytest.raises(ValueError, match="key_copies"):
-        task.sample(2, 2, key_copies=5)
-
-
-def test_curriculum_doubles_the_longest_rollout_and_mixes_lengths() -> None:
-    stages = curriculum(16, 10)
-    assert [(s.label, s.key_copies, s.steps) for s in stages] == [
-        ("T=2", 1, 10), ("T=2-4", 1, 10), ("T=2-8", 1, 10), ("T=2-16", 1, 20),
-    ]  # fmt: skip
-    assert [(s.label, s.key_copies) for s in curriculum(6, 10, key_copies=4)] == [
-        ("T=2", 4), ("T=2", 1), ("T=2-4", 1), ("T=2-6", 1),
-    ]  # fmt: skip
-    assert [(s.num_segments, s.steps) for s in curriculum(2, 10)] == [(2, 20)]
-    # Every length of a stage's range is drawn, odd ones included.
-    gen = torch.Generator().manual_seed(0)
-    assert {stages[-1].draw(gen) for _ in range(400)} == set(range(2, 17))
-
-
-def test_recall_accuracy_matches_a_manual_evaluation() -> None:
-    torch.manual_seed(0)
-    task = RecallTask(segment_length=8)
-    cfg = MemformerConfig(
-        vocab_size=task.vocab_size, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
-        n_memory_slots=4, segment_length=8, architecture="decoder", backend="reference",
-    )  # fmt: skip
-    model = Memformer(cfg)
-    ids, _, keys = task.sample(40, 3, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        memory, reset = None, None
-        for segment in ids.split(8, dim=1):
-            out = model(segment, memory=memory)
-            memory = out.memory
-            reset = model(segment).logits  # fresh memory at every segment
-    expected = (out.logits[:, -2].argmax(-1) == keys).float().mean().item()
-    expected_reset = (reset[:, -2].argmax(-1) == keys).float().mean().item()
-    assert recall_accuracy(model, ids, keys, batch_size=16) == pytest.approx(expected)
-    assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
-    assert model.training  # restored
-
-
-def test_recall_accuracy_of_the_encoder_decoder_decodes_the_last_segment() -> None:
-    """The encoder-decoder answers while decoding the last segment from the one before it: the
-    logits at the last position (whose decoder input is the query) predict the key."""
-    torch.manual_seed(0)
-    task = RecallTask(segment_length=8)
-    cfg = MemformerConfig(
-        vocab_size=task.vocab_size, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
-        n_decoder_layers=1, n_memory_slots=4, segment_length=8, backend="reference",
-    )  # fmt: skip
-    model = Memformer(cfg).eval()
-    ids, _, keys = task.sample(24, 4, generator=torch.Generator().manual_seed(1))
-    segments = ids.split(8, dim=1)
-    decoder_inputs = torch.cat([torch.zeros(24, 1, dtype=torch.long), segments[-1][:, :-1]], 1)
-    with torch.no_grad():
-        memory = None
-        for segment in segments[:2]:
-            memory = model(segment, memory=memory).memory
-        logits = model(segments[2], memory=memory, decoder_input_ids=decoder_inputs).logits
-        reset = model(segments[2], decoder_input_ids=decoder_inputs).logits
-    # The decoder's input at the last position is the query; its logits there predict the key.
-    expected = (logits[:, -1].argmax(-1) == keys).float().mean().item()
-    expected_reset = (reset[:, -1].argmax(-1) == keys).float().mean().item()
-    assert recall_accuracy(model, ids, keys, batch_size=10) == pytest.approx(expected)
-    assert recall_accuracy(model, ids, keys, reset_memory=True) == pytest.approx(expected_reset)
 
 
 @pytest.mark.slow
@@ -179,18 +76,6 @@ def test_train_then_generate(
     assert code == 0 and greedy1 == greedy2
 
 
-def _trainer(steps: int, seed: int = 0) -> Trainer:
-    cfg = MemformerConfig(
-        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
-        n_memory_slots=4, segment_length=16, architecture="decoder", backend="reference",
-        dropout=0.1,
-    )  # fmt: skip
-    settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
-                             eval_bytes=128, save_every=100, seed=seed)  # fmt: skip
-    data = ByteData.from_bytes(CLI_TEXT[:6000], 48, settings.val_fraction)
-    return Trainer.create(cfg, data, settings)
-
-
 @pytest.mark.parametrize("how", ["ctrl-c mid-step", "ctrl-c before the update", "shorter run"])
 def test_resume_equals_an_uninterrupted_run(
     how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -198,11 +83,11 @@ def test_resume_equals_an_uninterrupted_run(
     """Train N steps, or stop after k and resume to N: the same parameters, optimizer state,
     memory and random state (dropout is on, so the random state matters)."""
     n, k = 7, 3
-    reference = _trainer(n)
+    reference = small_trainer(n)
     assert reference.train(progress=False) == "done"
 
     path = tmp_path / "checkpoint.pt"
-    first = _trainer(k if how == "shorter run" else n)
+    first = small_trainer(k if how == "shorter run" else n)
     if how != "shorter run":
         real_backward = mrbp.backward
         calls = []

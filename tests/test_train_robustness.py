@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import CLI_TEXT, TINY_CLI, run
+from testing_utils import TINY_CLI, run, small_trainer
 
 from memformer_fast.app import disk
 from memformer_fast.app.errors import UserError
 from memformer_fast.app.training import (
     Trainer,
-    TrainSettings,
     load_checkpoint,
     resumed_settings,
 )
@@ -348,20 +347,6 @@ def test_divergence_keeps_the_last_checkpoint(
 
 
 # ---------------------------------------------------------------- interrupted evaluation
-
-
-def small_trainer(steps: int) -> Trainer:
-    from memformer_fast import MemformerConfig
-    from memformer_fast.app.data import VOCAB_SIZE, ByteData
-
-    cfg = MemformerConfig(
-        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
-        n_memory_slots=4, segment_length=16, architecture="decoder", backend="reference",
-        dropout=0.1,
-    )  # fmt: skip
-    settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
-                             eval_bytes=128, save_every=100)  # fmt: skip
-    return Trainer.create(cfg, ByteData.from_bytes(CLI_TEXT[:6000], 48, 0.05), settings)
 
 
 def test_ctrl_c_during_evaluation_loses_nothing(tmp_path: Path, monkeypatch) -> None:

@@ -25,6 +25,8 @@ from memformer_fast import (
     validation,
 )
 from memformer_fast.app.cli import main
+from memformer_fast.app.data import VOCAB_SIZE, ByteData
+from memformer_fast.app.training import Trainer, TrainSettings
 from memformer_fast.presets import preset
 
 # A byte corpus for the command line's tests, and the flags of a model that trains in moments.
@@ -40,6 +42,20 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def small_trainer(steps: int) -> Trainer:
+    """A byte-level trainer of a small decoder (dropout on) over ``CLI_TEXT``: ``steps`` steps,
+    an evaluation every 2, no checkpoint of its own."""
+    cfg = MemformerConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, n_heads=2, d_ff=64, n_decoder_layers=1,
+        n_memory_slots=4, segment_length=16, architecture="decoder", backend="reference",
+        dropout=0.1,
+    )  # fmt: skip
+    settings = TrainSettings(batch_size=4, segments=3, steps=steps, warmup_steps=3, eval_every=2,
+                             eval_bytes=128, save_every=100)  # fmt: skip
+    data = ByteData.from_bytes(CLI_TEXT[:6000], 48, settings.val_fraction)
+    return Trainer.create(cfg, data, settings)
 
 
 def compile_worker_env(cache: Path) -> dict[str, str]:
