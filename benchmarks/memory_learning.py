@@ -40,6 +40,8 @@ from memformer_fast.model import Memformer
 
 PROBE_SEQUENCES = 256
 TASK = RecallTask(segment_length=16, num_keys=8, num_distractors=15)
+DEFAULT_BETA2 = 0.999  # torch.optim.AdamW's
+
 Task = RecallTask | AssociativeRecallTask
 
 
@@ -154,7 +156,9 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
     task = task_from_args(args)
     torch.manual_seed(args.seed)
     model = build_model(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.0
+    )
     clip = SpikeClip(args.clip or math.inf, args.spike_factor or math.inf)
     batches = torch.Generator().manual_seed(args.seed)
     probes = {
@@ -212,7 +216,7 @@ def train(args: argparse.Namespace) -> tuple[dict[str, Any], Memformer]:
     first = next((c["step"] for c in curve if c["acc8"] >= 0.95), None)
     record = dict(
         arch=args.arch, d_model=args.d_model, seed=args.seed, lr=args.lr, clip=args.clip,
-        spike_factor=args.spike_factor, carry=args.carry,
+        spike_factor=args.spike_factor, beta2=args.beta2, carry=args.carry,
         overrides=args.set, schedule=args.schedule, batch_size=args.batch_size, steps=step,
         stop_at=args.stop_at,
         first_step_95=first, seconds=time.perf_counter() - start, curve=curve, final=final,
@@ -230,8 +234,9 @@ def run_name(args: argparse.Namespace) -> str:
     clip = "" if args.clip == 1.0 else f"_clip{args.clip:g}"
     spike = "" if args.spike_factor == DEFAULT_FACTOR else f"_spike{args.spike_factor:g}"
     carry = f"_carry{args.carry:g}" if args.carry else ""
+    beta2 = "" if args.beta2 == DEFAULT_BETA2 else f"_beta2{args.beta2:g}"
     pairs = f"_pairs{args.pairs}q{args.queries}k{args.keys}v{args.values}" if args.pairs else ""
-    return f"{args.arch}_d{args.d_model}_s{args.seed}{pairs}{extra}{lr}{clip}{spike}{carry}"
+    return f"{args.arch}_d{args.d_model}_s{args.seed}{pairs}{extra}{lr}{clip}{spike}{beta2}{carry}"
 
 
 def _changes(r: dict[str, Any]) -> list[str]:
@@ -242,6 +247,8 @@ def _changes(r: dict[str, Any]) -> list[str]:
     # Runs from before SpikeClip clipped at the fixed limit only.
     spike = r.get("spike_factor", 0.0)
     clip += [f"spike-factor={spike:g}"] if spike != DEFAULT_FACTOR else []
+    beta2 = r.get("beta2", DEFAULT_BETA2)
+    clip += [f"beta2={beta2:g}"] if beta2 != DEFAULT_BETA2 else []
     stop = [f"stop-at={r['stop_at']:g}"] if r.get("stop_at", 0.97) != 0.97 else []
     note = [r["note"]] if "note" in r else []  # how a run was made differently, by hand
     return [*r["overrides"], *lr, *clip, *stop, *note]
@@ -354,6 +361,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         "--spike-factor", type=float, default=DEFAULT_FACTOR,
         help="also clip to this many times the running mean of the recent norms (SpikeClip); "
         "0 turns it off",
+    )  # fmt: skip
+    p.add_argument(
+        "--beta2", type=float, default=DEFAULT_BETA2,
+        help="AdamW's second-moment decay (torch's default 0.999)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--schedule", help="default: the architecture's, see SCHEDULES")
