@@ -80,7 +80,7 @@ check-gpu-build:
 		--no-build-isolation --no-deps -e . > build.log 2>&1 || { tail -40 build.log; exit 1; }
 	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -c "$$CHECK_GPU_EXTENSION"
 	cd $(GPU_BUILD_DIR)/src && $(abspath $(GPU_VENV))/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_replay_buffer.py tests/test_ops.py tests/test_traced_kernels.py
+		tests/test_replay.py tests/test_ops.py tests/test_traced_kernels.py
 
 define CHECK_GPU_EXTENSION
 import torch

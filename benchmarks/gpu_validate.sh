@@ -69,11 +69,11 @@ stage info 30 "$PY" -m memformer_fast info
 if ((DRY_RUN)); then
     # The same invocation on one quick test per file: proves the command, not the kernels.
     stage tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py \
+        tests/test_ops.py tests/test_replay.py tests/test_model_triton.py \
         -k "(test_memory_read and float32 and B2-L17) or test_extension_is_built or test_write_all_padding"
 else
     stage tests 160 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
-        tests/test_ops.py tests/test_replay_buffer.py tests/test_model_triton.py
+        tests/test_ops.py tests/test_replay.py tests/test_model_triton.py
 fi
 stage correctness 60 "$PY" benchmarks/gpu_validate.py correctness --out "$OUT_DIR" "${FLAGS[@]}"
 stage kernels 60 "$PY" benchmarks/gpu_validate.py kernels --out "$OUT_DIR" "${FLAGS[@]}"
