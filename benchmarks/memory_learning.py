@@ -278,9 +278,10 @@ GROUPS = {
     "ablations": "one change from the defaults",
     "fixed_clip": "the matrix before SpikeClip (gradients clipped at 1.0 only)",
     "old_lr": "the first matrix, at lr 3e-3 (before the lr was lowered)",
-    "lr_range": "the recipe (mixed lengths to 16, memory bias 0.001) at lr 3e-4 and 3e-3, "
-    "with SpikeClip and with clipping at 1.0 only; with the memory noise 0.8 also at 1e-3 "
-    "with clipping at 1.0 only",
+    "lr_range": "the recipe (mixed lengths to 16, memory bias 0.001) at lr 3e-4, 1e-3 and 3e-3, "
+    "with SpikeClip and with clipping at 1.0 only, without memory noise (the library's default) "
+    "and with noise 0.8; at 3e-3 with noise also AdamW beta2 0.95, and with it an extra stage "
+    "of rollouts to 8 segments (file names ending _stage8)",
 }
 
 

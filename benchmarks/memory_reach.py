@@ -191,6 +191,8 @@ REACH_GROUPS = {
     "recipe": "the recipe: mixed rollout lengths (2 or 3 to 16), memory bias initialised at norm "
     "0.001, memory noise of norm 0.8 in training",
     "noise_level": "the recipe with another memory noise (1.2: every seed of both architectures)",
+    "wide": "d_model 256, one seed per architecture: memory noise 1.2, AdamW beta2 0.95 and an "
+    "extra stage of rollouts to 8 segments (the recipe's schedule at beta2 0.999 collapsed)",
     "without_noise": "the recipe without the memory noise",
     "ablations": "one change from the recipe without noise (or from the recipe before this work)",
 }
@@ -272,7 +274,11 @@ def main() -> None:
     add_training_arguments(p)
     p.add_argument("--lengths", default=",".join(map(str, REACH_LENGTHS)))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_reach/defaults"))
-    p.add_argument("--save-model", type=Path, help="also save the trained weights (a .pt file)")
+    p.add_argument(
+        "--save-model",
+        type=Path,
+        help="also save the trained weights (a .pt file; its training record beside it, .json)",
+    )
     p.add_argument("--load-model", type=Path, help="evaluate these weights instead of training")
     p.add_argument("--report", type=Path, help="write the report of the runs under DIR and exit")
     args = p.parse_args()
@@ -282,19 +288,30 @@ def main() -> None:
     resolve_training_defaults(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     lengths = [int(x) for x in args.lengths.split(",")]
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.load_model:
         model = build_model(args)
         model.load_state_dict(torch.load(args.load_model))
-        record: dict[str, Any] = dict(arch=args.arch, d_model=args.d_model, seed=args.seed,
-                                      overrides=args.set, loaded=str(args.load_model))  # fmt: skip
+        # The training record saved beside the weights, so the report can show how they were made.
+        trained = args.load_model.with_suffix(".json")
+        record: dict[str, Any] = (
+            json.loads(trained.read_text())
+            if trained.exists()
+            else dict(arch=args.arch, d_model=args.d_model, seed=args.seed, overrides=args.set)
+        )
+        record["loaded"] = str(args.load_model)
+        record["command"] = (
+            f"{record['command']}; then: {command}" if "command" in record else command
+        )
     else:
         record, model = train(args)
+        record["command"] = command
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
+        args.save_model.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     start = time.perf_counter()
     record["reach"] = stream_reach(model, TASK, lengths)
     record["reach"]["seconds"] = time.perf_counter() - start
-    record["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{run_name(args)}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")

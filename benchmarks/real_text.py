@@ -244,7 +244,7 @@ def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -
         lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))),
     )
     clip = SpikeClip()
-    memory, cache, losses = None, None, []
+    memory, cache, losses, norms, clipped = None, None, [], [], 0
     model.train()
     start = time.perf_counter()
     for step in range(steps):
@@ -275,7 +275,9 @@ def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -
                 (part / count).backward()
                 total += float(part.detach())
             loss = total / count
-        clip(model.parameters())
+        limit = clip.limit
+        norms.append(float(clip(model.parameters())))
+        clipped += norms[-1] > limit
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -288,6 +290,10 @@ def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -
         "tokens": steps * ids.shape[0] * n * seg,
         "tokens_per_second": round(steps * ids.shape[0] * n * seg / seconds, 1),
         "final_loss_nats": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        # How hard the clipping held the model back: the share of steps clipped, and the norms.
+        "clipped_share": round(clipped / steps, 3),
+        "grad_norm_median": round(sorted(norms)[len(norms) // 2], 3),
+        "grad_norm_max": round(max(norms), 3),
     }
 
 
@@ -441,6 +447,14 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _clipped(trained: dict[str, Any]) -> str:
+    """The share of steps the clipping cut, and the median gradient norm (runs before these were
+    recorded: -)."""
+    if "clipped_share" not in trained:
+        return "-"
+    return f"{trained['clipped_share']:.0%} (median norm {trained['grad_norm_median']:.2f})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
     names = [b["segments"] for b in next(iter(results["runs"].values()))["eval"]["by_segment"]]
@@ -471,8 +485,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "| model | parameters | state per sequence (floats) | all | "
             + " | ".join(names)
-            + " | train tokens/s | eval tokens/s | train min |",
-            "|" + "---|" * (7 + len(names)),
+            + " | train tokens/s | eval tokens/s | train min | steps clipped |",
+            "|" + "---|" * (8 + len(names)),
         ]
         for r in runs:
             cells = [f"{r['eval']['bits_per_byte']:.3f}"] + [
@@ -483,12 +497,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {LABELS[r['model']]} | {r['parameters']:,} | {r['state']['floats']:,} "
                 f"({r['state']['what']}) | " + " | ".join(cells) + f" | "
                 f"{r['train']['tokens_per_second']:,.0f} | {r['eval']['tokens_per_second']:,.0f} "
-                f"| {r['train']['seconds'] / 60:.1f} |"
+                f"| {r['train']['seconds'] / 60:.1f} | {_clipped(r['train'])} |"
             )
         counts = [runs[0]["eval"]["scored_bytes"]] + [
             b["bytes"] for b in runs[0]["eval"]["by_segment"]
         ]
-        lines.append("| bytes scored | | | " + " | ".join(f"{c:,}" for c in counts) + " | | | |")
+        lines.append("| bytes scored | | | " + " | ".join(f"{c:,}" for c in counts) + " | | | | |")
         lines.append("")
         verdict = results["verdict"][text]
         lines += [
@@ -557,6 +571,11 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (1 thread each)")
     parser.add_argument("--out", help="results folder (default benchmarks/results/real_text)")
     parser.add_argument(
+        "--memory-noise",
+        type=float,
+        help="the memory model's memory_noise in training (default 0.8)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="only rebuild the report from the jobs' JSON"
     )
     parser.add_argument("--job", nargs=2, metavar=("TEXT", "MODEL"), help=argparse.SUPPRESS)
@@ -564,6 +583,8 @@ def main() -> None:
     cfg: dict[str, Any] = dict(SMOKE if args.smoke else FULL)
     if args.steps:
         cfg["steps"] = args.steps
+    if args.memory_noise is not None:
+        cfg["memory_noise"] = args.memory_noise
     default_out = "runs/real_text_smoke" if args.smoke else ROOT / "benchmarks/results/real_text"
     out = Path(os.path.relpath(Path(args.out) if args.out else default_out))
     out.mkdir(parents=True, exist_ok=True)
@@ -572,6 +593,8 @@ def main() -> None:
         return
     texts, models = args.texts.split(","), args.models.split(",")
     common = ["--steps", str(cfg["steps"]), "--out", str(out)] + (["--smoke"] if args.smoke else [])
+    if args.memory_noise is not None:
+        common += ["--memory-noise", str(args.memory_noise)]
     jobs = {
         f"{t}_{k}": [sys.executable, __file__, "--job", t, k, *common]
         for k in models

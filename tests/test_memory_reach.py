@@ -3,6 +3,7 @@ and reads through the layers' calls, so a refactor of those calls must not leave
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,3 +31,28 @@ def test_stream_reach_traces_the_key_slot_at_every_length(arch: str) -> None:
     assert first["key_signal"] == pytest.approx(1.0)  # normalised by the key's segment
     assert 0.0 < first["gate"] < 1.0
     assert set(map(int, result["read_on_key_slot"])) == {4, 5, 8}
+
+
+def test_saved_weights_carry_their_training_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run evaluated from saved weights reports how they were trained, and both commands."""
+    weights = tmp_path / "model.pt"
+    common = ["--d-model", "16", "--batch-size", "2", "--schedule", "2:2", "--eval-every", "2"]
+
+    def run(*extra: str) -> dict:
+        argv = ["memory_reach.py", *common, "--lengths", "2", "--out", str(tmp_path), *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        memory_reach.main()
+        (result,) = tmp_path.glob("decoder_d16_*.json")
+        record = json.loads(result.read_text())
+        result.unlink()
+        return record
+
+    trained = run("--save-model", str(weights))
+    assert json.loads(weights.with_suffix(".json").read_text())["steps"] == trained["steps"] == 2
+    loaded = run("--load-model", str(weights))
+    assert loaded["loaded"] == str(weights)
+    assert (loaded["schedule"], loaded["lr"], loaded["steps"]) == ("2:2", trained["lr"], 2)
+    assert loaded["command"].startswith(trained["command"] + "; then: ")
+    assert "--load-model" in loaded["command"]

@@ -67,5 +67,6 @@ def test_the_smoke_run_reports_every_model_on_both_texts(tmp_path: Path) -> None
     assert len(params) == 1  # the same parameter count for every model
     for run in results["runs"].values():
         assert 0 < run["eval"]["bits_per_byte"] < 9
+        assert 0 <= run["train"]["clipped_share"] <= 1 and run["train"]["grad_norm_median"] > 0
         assert [b["segments"] for b in run["eval"]["by_segment"]][3] == "17-64"
     assert (tmp_path / "results.md").exists() and (tmp_path / "bpb_by_segment.png").exists()
