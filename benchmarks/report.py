@@ -290,14 +290,21 @@ def rollouts_section(rows: list[Row], out: Path) -> str | None:
     fig.suptitle(f"MRBP vs BPTT vs checkpointing ({r0['size']}, batch {r0['batch']})")
     save_figure(fig, out / "rollouts.png")
     intro = (
-        f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
-        f"{_describe(r0['config'])}), batch {r0['batch']}. One training step over a rollout "
-        "of T segments (every segment after the first scored). Peak memory: "
+        f"{_model(r0)}, batch {r0['batch']}. One training step over a rollout of T segments "
+        "(every segment after the first scored). Peak memory: "
         f"{r0.get('memory_measure')}; it is what the step adds over the model and its inputs "
         "(gradients, activations, replay buffer, temporaries)."
     )
     title = "MRBP vs full BPTT vs segment-level checkpointing"
     return section(title, intro, head, body, "rollouts.png", "rollouts")
+
+
+def _model(row: Row) -> str:
+    """A measured model for a section's intro: its preset, parameter count and configuration."""
+    return (
+        f"Model `{row['size']}` ({row['parameters'] / 1e6:.1f}M parameters, "
+        f"{_describe(row['config'])})"
+    )
 
 
 def _describe(config: dict[str, Any]) -> str:
@@ -365,10 +372,9 @@ def table3_section(rows: list[Row], out: Path) -> str | None:
     fig.suptitle(f"Table 3 setting ({r0['size']}, T=4, batch {r0['batch']})")
     save_figure(fig, out / "table3.png")
     intro = (
-        f"Model `{r0['size']}` ({r0['parameters'] / 1e6:.1f}M parameters, "
-        f"{_describe(r0['config'])}), horizon T=4, batch {r0['batch']}, all three methods "
-        "measured in one run. The paper's column is its Table 3 (12-layer decoder, d_model "
-        "512, 8 heads, 32 slots, T=4, total GPU memory); compare the ratios."
+        f"{_model(r0)}, horizon T=4, batch {r0['batch']}, all three methods measured in one "
+        "run. The paper's column is its Table 3 (12-layer decoder, d_model 512, 8 heads, 32 "
+        "slots, T=4, total GPU memory); compare the ratios."
     )
     return section("The paper's Table 3 setting", intro, head, body, "table3.png", "table 3")
 
