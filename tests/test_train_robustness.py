@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -164,28 +165,48 @@ def test_save_interrupted_mid_write_leaves_no_temp_file(tmp_path: Path, monkeypa
 # ----------------------------------------------------------------------------------- signals
 
 
+def train_command(corpus: Path, out: Path, steps: int = 100_000, save_every: int = 100_000,
+                  program: str | None = None) -> list[str]:  # fmt: skip
+    """A tiny ``train`` run that evaluates after every step (on 64 bytes), so each step prints a
+    line; ``program``: a ``python -c`` script (one that patches the trainer) in place of
+    ``python -m memformer_fast``."""
+    start = ["-m", "memformer_fast"] if program is None else ["-c", program]
+    return [sys.executable, *start, "train", str(corpus), "--out", str(out), *TINY,
+            "--steps", str(steps), "--save-every", str(save_every), "--eval-every", "1",
+            "--eval-bytes", "64"]  # fmt: skip
+
+
+@contextmanager
+def training_past(step: int, command: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` (from :func:`train_command`) running in a child process, yielded once it has
+    printed step ``step``; killed on the way out, whatever the test did with it."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"step {step}:".encode()):
+                break
+        yield proc
+    finally:
+        proc.kill()
+
+
+def assert_stopped_and_saved(proc: subprocess.Popen[bytes], signum: int, err: bytes) -> None:
+    """The run ended as ``signum`` asks (exit status 128 + signum), saying it saved, cleanly."""
+    assert proc.returncode == 128 + signum, err
+    assert b"Traceback" not in err and b"saved step" in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signals_save_a_resumable_checkpoint(sig: str, corpus: Path, tmp_path: Path) -> None:
     """SIGTERM (schedulers) and SIGHUP (a closed terminal) save like Ctrl-C."""
     signum = getattr(signal, sig)
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memformer_fast", "train", str(corpus), "--out", str(out), *TINY,
-         "--steps", "100000", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if line.startswith(b"step 3:"):
-                break
+    with training_past(3, train_command(corpus, out)) as proc:
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signum, err
-    assert b"Traceback" not in err and b"saved step" in err, err
+    assert_stopped_and_saved(proc, signum, err)
     ckpt = load_checkpoint(out)
     assert ckpt["step"] >= 3 and leftovers(out) == []
     # Nothing lost: every completed step has its evaluation, finished or pending.
@@ -223,11 +244,8 @@ def test_a_signal_dropped_in_a_finalizer_still_stops_training(corpus: Path, tmp_
     by Python; the handler ignored every later signal, so training ran on for good (seen once under
     load as a SIGINT that never stopped the run). It now stops before the next step and saves."""
     out = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", DROPPED_SIGNAL, "train", str(corpus), "--out", str(out), *TINY,
-         "--steps", "50", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
-        capture_output=True, env=ENV, timeout=120,
-    )  # fmt: skip
+    command = train_command(corpus, out, steps=50, program=DROPPED_SIGNAL)
+    done = subprocess.run(command, capture_output=True, env=ENV, timeout=120)
     assert b"dropped" in done.stderr and b"Exception ignored" in done.stderr, done.stderr
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert b"saved step" in done.stderr, done.stderr
@@ -258,26 +276,14 @@ def test_a_second_signal_during_the_save_loses_nothing(
     kill the process with nothing saved."""
     signum = getattr(signal, sig)
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_SAVE, "train", str(corpus), "--out", str(out), *TINY,
-         "--steps", "100000", "--save-every", "100000", "--eval-every", "1", "--eval-bytes", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        for line in proc.stdout:
-            if line.startswith(b"step 2:"):
-                break
+    with training_past(2, train_command(corpus, out, program=SLOW_SAVE)) as proc:
         proc.send_signal(signum)
-        assert proc.stderr.readline().strip() == b"saving"
+        assert proc.stderr is not None and proc.stderr.readline().strip() == b"saving"
         for _ in range(3):  # mid-save
             proc.send_signal(signum)
             time.sleep(0.1)
         _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signum, err
-    assert b"Traceback" not in err and b"saved step" in err, err
+    assert_stopped_and_saved(proc, signum, err)
     assert load_checkpoint(out)["step"] >= 2 and leftovers(out) == []
 
 
@@ -289,16 +295,7 @@ def test_a_second_run_on_the_same_out_is_refused(
     (``.lock``, released however the holder ends, removed when it ends normally): the second run
     fails at once, saying who holds it, and touches nothing."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memformer_fast", "train", str(corpus), "--out", str(out), *TINY,
-         "--steps", "100000", "--save-every", "1", "--eval-every", "1", "--eval-bytes", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if line.startswith(b"step 2:"):
-                break
+    with training_past(2, train_command(corpus, out, save_every=1)) as proc:
         for extra in ([], ["--resume"]):
             code, stdout, err = run(capsys, "train", str(corpus), "--out", str(out), *TINY,
                                     "--steps", "3", *extra)  # fmt: skip
@@ -307,8 +304,6 @@ def test_a_second_run_on_the_same_out_is_refused(
             assert "step" not in stdout
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert load_checkpoint(out)["step"] >= 2 and leftovers(out) == []  # no .lock left
     code, _, err = run(capsys, "train", str(corpus), "--out", str(out), "--resume", "--steps",
