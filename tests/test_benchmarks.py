@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from testing_utils import run_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_ENV = "MEMFORMER_BENCH_FULL"
@@ -19,17 +20,8 @@ def collect(*args: str) -> tuple[set[str], str]:
     and its whole output (at the default verbosity, which prints the header)."""
     env = {k: v for k, v in os.environ.items() if k != FULL_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "benchmarks/"]
-        + ["--collect-only", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "benchmarks/"]
+    result = run_checked([*command, "--collect-only", *args], timeout=300, cwd=ROOT, env=env)
     tests = set(re.findall(r"<Function (\S+)>", result.stdout))
     return tests, result.stdout
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testing_utils import run_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,15 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_gpu_validate_dry_run(tmp_path: Path) -> None:
     env = os.environ | {"PYTHON": sys.executable}
-    out = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_validate.sh"), "--dry-run", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    script = ROOT / "benchmarks" / "gpu_validate.sh"
+    run_checked(["bash", str(script), "--dry-run", str(tmp_path)], timeout=900, env=env)
     report = json.loads((tmp_path / "results.json").read_text())
     stages = {s["stage"]: s["rc"] for s in report["stages"]}
     assert stages == dict.fromkeys(

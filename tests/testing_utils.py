@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,18 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_checked(
+    command: Sequence[str], timeout: float, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end, its output captured as text (``options``: ``cwd``, ``env``...
+    of ``subprocess.run``); fails the test, with the ends of its output, unless it succeeded."""
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False, **options
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
 
 
 def small_trainer(steps: int) -> Trainer:
