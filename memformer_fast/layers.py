@@ -530,7 +530,36 @@ class MemoryWriter(nn.Module):
         return new
 
 
-class MemoryBlock(nn.Module):
+class _PreNormBlock(nn.Module):
+    """The pre-LN residual sublayers that :class:`MemoryBlock` and :class:`DecoderBlock` share:
+    rotary self-attention first, feed-forward last. A block adds them with :meth:`_add_attention`
+    and :meth:`_add_feed_forward` around its own sublayers, in forward order: the order of its
+    parameters, which state dicts, optimiser states and the initialisation of a seed follow."""
+
+    def _add_attention(self, d_model: int, n_heads: int, eps: float, rope_base: float) -> None:
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.attn = RotarySelfAttention(d_model, n_heads, rope_base)
+
+    def _add_feed_forward(self, d_model: int, d_ff: int, dropout: float, eps: float) -> None:
+        self.ff_norm = nn.LayerNorm(d_model, eps=eps)
+        self.ff = FeedForward(d_model, d_ff)
+        self.dropout = Dropout(dropout)
+
+    def _check_inputs(self, h: Tensor, mask: Tensor | None) -> None:
+        """``h`` is ``[B, L, D]`` hidden states and ``mask`` a self-attention mask for them."""
+        check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
+        check_attention_mask("mask", mask, h, self.attn.n_heads)
+
+    def _attend(
+        self, h: Tensor, mask: Tensor | None, causal: bool, cache: KVCache | None
+    ) -> Tensor:
+        return h + self.dropout(self.attn(self.attn_norm(h), mask, causal, cache, validate=False))
+
+    def _feed_forward(self, h: Tensor) -> Tensor:
+        return h + self.dropout(self.ff(self.ff_norm(h)))
+
+
+class MemoryBlock(_PreNormBlock):
     """Self-attention, memory reader, feed-forward (each pre-LN with residual).
 
     Bidirectional in the encoder; causal in the decoder-only architecture (docs/design.md,
@@ -553,12 +582,9 @@ class MemoryBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.causal = causal
-        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.attn = RotarySelfAttention(d_model, n_heads, rope_base)
+        self._add_attention(d_model, n_heads, eps, rope_base)
         self.reader = MemoryReader(d_model, n_heads, backend, eps)
-        self.ff_norm = nn.LayerNorm(d_model, eps=eps)
-        self.ff = FeedForward(d_model, d_ff)
-        self.dropout = Dropout(dropout)
+        self._add_feed_forward(d_model, d_ff, dropout, eps)
 
     def forward(
         self,
@@ -571,16 +597,14 @@ class MemoryBlock(nn.Module):
     ) -> Tensor:
         """``validate=False``: the caller checked the arguments."""
         if validate:
-            check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
-            check_attention_mask("mask", mask, h, self.attn.n_heads)
+            self._check_inputs(h, mask)
             check_memory_states(memory, h, "h")
-        attn = self.attn(self.attn_norm(h), mask, self.causal, cache, validate=False)
-        h = h + self.dropout(attn)
+        h = self._attend(h, mask, self.causal, cache)
         h = h + self.dropout(self.reader(h, memory, validate=False))
-        return h + self.dropout(self.ff(self.ff_norm(h)))
+        return self._feed_forward(h)
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(_PreNormBlock):
     """Causal self-attention, cross-attention to the encoder output, feed-forward.
 
     ``forward(h: [B, L, D], context: [B, Lc, D], mask, context_mask: [B, Lc] or None)``
@@ -596,13 +620,10 @@ class DecoderBlock(nn.Module):
         rope_base: float = 10000.0,
     ) -> None:
         super().__init__()
-        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.attn = RotarySelfAttention(d_model, n_heads, rope_base)
+        self._add_attention(d_model, n_heads, eps, rope_base)
         self.cross_norm = nn.LayerNorm(d_model, eps=eps)
         self.cross = CrossAttention(d_model, n_heads)
-        self.ff_norm = nn.LayerNorm(d_model, eps=eps)
-        self.ff = FeedForward(d_model, d_ff)
-        self.dropout = Dropout(dropout)
+        self._add_feed_forward(d_model, d_ff, dropout, eps)
 
     def forward(
         self,
@@ -617,14 +638,13 @@ class DecoderBlock(nn.Module):
         """``caches``: the self- and cross-attention caches, for token-by-token decoding.
         ``validate=False``: the caller checked the arguments."""
         if validate:
-            check_states("h", h, self.attn_norm.normalized_shape[0], "[B, L, D] hidden states")
-            check_attention_mask("mask", mask, h, self.attn.n_heads)
+            self._check_inputs(h, mask)
             check_context(context, context_mask, h, "h")
         self_cache, cross_cache = (None, None) if caches is None else caches
-        h = h + self.dropout(self.attn(self.attn_norm(h), mask, True, self_cache, validate=False))
+        h = self._attend(h, mask, True, self_cache)
         cross = self.cross(self.cross_norm(h), context, context_mask, cross_cache, validate=False)
         h = h + self.dropout(cross)
-        return h + self.dropout(self.ff(self.ff_norm(h)))
+        return self._feed_forward(h)
 
 
 def init_weights(module: nn.Module, std: float | None = None, embedding_std: float = 1.0) -> None:
