@@ -31,7 +31,7 @@ from memory_learning import (
     _changes,
     add_training_arguments,
     resolve_training_defaults,
-    run_name,
+    save_run,
     task_from_args,
     train,
     write_readme,
@@ -143,9 +143,7 @@ def main() -> None:
     record, model = train(args)
     record["recall"] = evaluate(model, args, [int(x) for x in args.lengths.split(",")])
     record["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{run_name(args)}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    path = save_run(args, record)
     print("recall", json.dumps(record["recall"]), "->", path)
 
 

@@ -419,6 +419,14 @@ def resolve_training_defaults(args: argparse.Namespace) -> None:
     args.lr = args.lr or default_lr(args.d_model)
 
 
+def save_run(args: argparse.Namespace, record: dict[str, Any]) -> Path:
+    """Write a run's record as JSON to ``--out``, named by :func:`run_name`; return its path."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{run_name(args)}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_training_arguments(p)
@@ -431,9 +439,7 @@ def main() -> None:
     resolve_training_defaults(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result, _ = train(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{run_name(args)}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = save_run(args, result)
     print("final", json.dumps(result["final"]), "->", path)
 
 
