@@ -30,6 +30,7 @@ import torch
 from memory_learning import (
     _changes,
     add_training_arguments,
+    pyplot,
     resolve_training_defaults,
     save_run,
     task_from_args,
@@ -92,11 +93,6 @@ def _table(runs: list[dict[str, Any]]) -> list[str]:
 def report(folder: Path) -> None:
     """``folder/README.md`` (a table per group) and ``folder/capacity.png`` (accuracy against
     pairs per slot, a line per length)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     head = [
         "# Associative recall: several key-value pairs across segments",
         "",
@@ -110,6 +106,7 @@ def report(folder: Path) -> None:
     runs = write_readme(folder, GROUPS, head, _table)["capacity"]
     if not runs:
         return
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     lengths = sorted({int(t) for r in runs for t in r["recall"]["accuracy"]})
     for i, t in enumerate(lengths):

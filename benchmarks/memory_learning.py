@@ -298,6 +298,17 @@ def load_runs(folder: Path, groups: dict[str, str]) -> dict[str, list[dict[str, 
     }
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot``, drawing to files only (the Agg backend): imported by the reports
+    when they draw, so a training run needs no matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_readme(
     folder: Path,
     groups: dict[str, str],
@@ -328,11 +339,6 @@ def write_readme(
 
 def report(folder: Path) -> None:
     """``folder/README.md`` (a table per subfolder of :data:`GROUPS`) and ``folder/curves.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     head = [
         "# Single-key recall from the defaults",
         "",
@@ -358,6 +364,7 @@ def report(folder: Path) -> None:
         ("fixed_clip", "acc16"),
         ("ablations", "acc8"),
     ]
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True)
     for ax, (name, key) in zip(axes, panels):
         for i, r in enumerate(groups[name]):

@@ -37,6 +37,7 @@ from memory_learning import (
     _label,
     add_training_arguments,
     build_model,
+    pyplot,
     resolve_training_defaults,
     run_name,
     train,
@@ -223,11 +224,6 @@ def _reach_table(runs: list[dict[str, Any]]) -> list[str]:
 
 def report(folder: Path) -> None:
     """``folder/README.md`` (a table per group) and ``folder/reach.png`` (recall against T)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     head = [
         "# Memory reach: single-key recall far beyond the trained length",
         "",
@@ -242,6 +238,7 @@ def report(folder: Path) -> None:
     ]
     groups = write_readme(folder, REACH_GROUPS, head, _reach_table)
     everything = [r for runs in groups.values() for r in runs]
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for i, r in enumerate(everything):
         acc = sorted((int(t), a) for t, a in r["reach"]["accuracy"].items())
