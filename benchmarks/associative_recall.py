@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from memory_learning import (
     _changes,
     add_training_arguments,
+    parse_run_arguments,
     pyplot,
     resolve_training_defaults,
     save_run,
@@ -55,6 +55,14 @@ def default_schedule(args: argparse.Namespace) -> str:
     more for the encoder-decoder, whose decoder at that length cross-attends the pairs)."""
     shortest = task_from_args(args).pair_segments + (2 if args.arch == "encoder-decoder" else 1)
     return f"100:{shortest},100:{shortest}-{shortest + 2},1000:{shortest}-16"
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Check ``--pairs`` and fill in this task's schedule, then the training defaults."""
+    if args.pairs < 1:
+        raise SystemExit(f"--pairs must be >= 1 for associative recall, got {args.pairs}")
+    args.schedule = args.schedule or default_schedule(args)
+    resolve_training_defaults(args)
 
 
 def evaluate(model: torch.nn.Module, args: argparse.Namespace, lengths: list[int]) -> dict:
@@ -127,16 +135,9 @@ def main() -> None:
     p.set_defaults(pairs=3)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/associative_recall/runs"))
-    p.add_argument("--report", type=Path, help="write the report of the runs under DIR and exit")
-    args = p.parse_args()
-    if args.report:
-        report(args.report)
+    args = parse_run_arguments(p, report, resolve_defaults)
+    if args is None:
         return
-    if args.pairs < 1:
-        p.error(f"--pairs must be >= 1, got {args.pairs}")
-    args.schedule = args.schedule or default_schedule(args)
-    resolve_training_defaults(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     record, model = train(args)
     record["recall"] = evaluate(model, args, [int(x) for x in args.lengths.split(",")])
     record["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)

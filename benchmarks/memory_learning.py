@@ -434,17 +434,31 @@ def save_run(args: argparse.Namespace, record: dict[str, Any]) -> Path:
     return path
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_training_arguments(p)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_learning/matrix"))
+def parse_run_arguments(
+    p: argparse.ArgumentParser,
+    report: Callable[[Path], None],
+    resolve: Callable[[argparse.Namespace], None] = resolve_training_defaults,
+) -> argparse.Namespace | None:
+    """A benchmark's command line: with ``--report DIR``, write ``report(DIR)`` and return None;
+    else fill in and check the defaults that depend on other options (``resolve``), let SIGTERM
+    stop training as Ctrl-C does (the run then saves what it has) and return the arguments."""
     p.add_argument("--report", type=Path, help="write the report of the runs under DIR and exit")
     args = p.parse_args()
     if args.report:
         report(args.report)
-        return
-    resolve_training_defaults(args)
+        return None
+    resolve(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    return args
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_training_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_learning/matrix"))
+    args = parse_run_arguments(p, report)
+    if args is None:
+        return
     result, _ = train(args)
     path = save_run(args, result)
     print("final", json.dumps(result["final"]), "->", path)

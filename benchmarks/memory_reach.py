@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,8 +36,8 @@ from memory_learning import (
     _label,
     add_training_arguments,
     build_model,
+    parse_run_arguments,
     pyplot,
-    resolve_training_defaults,
     run_name,
     train,
     write_readme,
@@ -268,13 +267,9 @@ def main() -> None:
         help="also save the trained weights (a .pt file; its training record beside it, .json)",
     )
     p.add_argument("--load-model", type=Path, help="evaluate these weights instead of training")
-    p.add_argument("--report", type=Path, help="write the report of the runs under DIR and exit")
-    args = p.parse_args()
-    if args.report:
-        report(args.report)
+    args = parse_run_arguments(p, report)
+    if args is None:
         return
-    resolve_training_defaults(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     lengths = [int(x) for x in args.lengths.split(",")]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.load_model:
