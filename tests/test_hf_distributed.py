@@ -73,6 +73,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         {"calls": calls["all_reduce"], "losses": losses, "params": params},
         Path(out) / f"rank{rank}.pt",
     )
+    # Tear gloo down before the interpreter exits: a process group left to the exit can abort a
+    # rank ("terminate called without an active exception", SIGABRT) after its work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
