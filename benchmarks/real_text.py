@@ -66,19 +66,22 @@ LABELS = {
     "xl": "Transformer-XL cache (previous segment's K, V)",
     "window": "plain decoder, context 2 segments",
 }
-# The full run: a 4-layer decoder of width 128, 16 slots, segments of 64 bytes, rollouts of 16
-# segments, batch 8; `steps` set on the command line (the committed run's are in results.md).
+# The full run: a 4-layer decoder of width 128, 16 slots, segments of 64 bytes, 1,000 steps of 32
+# rows x 4 segments (the same bytes per step as 8 x 16, from 4x as many places in the text: better
+# for every model, benchmarks/results/real_text/README.md); the memory model with memory_dropout.
 FULL: dict[str, Any] = dict(
     d_model=128,
     n_heads=4,
     layers=4,
     slots=16,
     segment=64,
-    batch_size=8,
-    segments=16,
-    memory_noise=0.8,
+    batch_size=32,
+    segments=4,
+    memory_noise=0.0,
+    write_rotary=False,
+    memory_dropout=0.5,
     held_out_bytes=120_000,
-    steps=150,
+    steps=1000,
 )
 SMOKE: dict[str, Any] = dict(
     d_model=32,
@@ -89,6 +92,8 @@ SMOKE: dict[str, Any] = dict(
     batch_size=2,
     segments=4,
     memory_noise=0.8,
+    write_rotary=False,
+    memory_dropout=0.0,
     held_out_bytes=3_000,
     steps=3,
 )
@@ -183,6 +188,7 @@ def make_model(cfg: dict[str, Any], kind: str) -> Any:
         n_decoder_layers=cfg["layers"], n_memory_slots=cfg["slots"],
         segment_length=cfg["segment"] * (2 if kind == "window" else 1), architecture="decoder",
         memory_noise=cfg["memory_noise"] if kind == "memory" else 0.0,
+        write_rotary=cfg["write_rotary"],
     )  # fmt: skip
     return Memformer(config)
 
@@ -228,6 +234,16 @@ def xl_segment(model: Any, ids: Any, cache: list[Any] | None, keep: Any) -> tupl
 # ---------------------------------------------------------------------------------- training
 
 
+def drop_memory(resets: Any, share: float, generator: Any) -> Any:
+    """``resets [B, T]`` with, besides the document starts, about ``share`` of the segments
+    starting from the initial memory, drawn from ``generator`` (``memory_dropout``, training
+    only): the model must also predict without what it wrote, so it cannot lean on its memory
+    for what the segment itself shows."""
+    import torch
+
+    return resets | (torch.rand(resets.shape, generator=generator) < share)
+
+
 def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -244,6 +260,7 @@ def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -
         lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))),
     )
     clip = SpikeClip()
+    dropped = torch.Generator().manual_seed(0)
     memory, cache, losses, norms, clipped = None, None, [], [], 0
     model.train()
     start = time.perf_counter()
@@ -251,6 +268,7 @@ def train(model: Any, kind: str, cfg: dict[str, Any], stream: Any, steps: int) -
         cols = slice(step * n * seg, (step + 1) * n * seg)
         x, y, r = ids[:, cols], labels[:, cols], resets[:, step * n : (step + 1) * n]
         if kind == "memory":
+            r = drop_memory(r, cfg["memory_dropout"], dropped)
             result = mrbp.backward(model, x, memory, labels=y, resets=r)
             memory, loss = result.memory, float(result.loss)
         elif kind in ("no_memory", "window"):
@@ -310,6 +328,8 @@ def evaluate(model: Any, kind: str, cfg: dict[str, Any], docs: list[bytes]) -> d
     order = sorted(docs, key=len, reverse=True)
     nats: list[float] = []
     counts: list[int] = []
+    late_nats = torch.zeros(seg, dtype=torch.float64)
+    late_counts = torch.zeros(seg, dtype=torch.long)
     start = time.perf_counter()
     batch = 16
     with torch.inference_mode():
@@ -346,13 +366,17 @@ def evaluate(model: Any, kind: str, cfg: dict[str, Any], docs: list[bytes]) -> d
                 target = labels[:rows, t * seg + (1 if last is None else 0) : (t + 1) * seg]
                 nll = F.cross_entropy(
                     scores.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE,
-                    reduction="sum",
-                )  # fmt: skip
+                    reduction="none",
+                ).view(target.shape)  # fmt: skip
                 while len(nats) <= t:
                     nats.append(0.0)
                     counts.append(0)
-                nats[t] += float(nll)
+                nats[t] += float(nll.sum())
                 counts[t] += int((target != IGNORE).sum())
+                if t >= 16:  # segments 17+: where in the segment each model gains or loses
+                    first = seg - target.shape[1]
+                    late_nats[first:] += nll.sum(0).double()
+                    late_counts[first:] += (target != IGNORE).sum(0)
                 last = logits[:, -1:]
     seconds = time.perf_counter() - start
     scored = sum(counts)
@@ -367,9 +391,14 @@ def evaluate(model: Any, kind: str, cfg: dict[str, Any], docs: list[bytes]) -> d
         value, n = bpb(lo, hi)
         name = str(lo) if hi == lo else (f"{lo}-{hi}" if hi else f"{lo}+")
         buckets.append({"segments": name, "bits_per_byte": value, "bytes": n})
+    # Segments 17+ by where a byte sits in its segment, in eighths: the first eighth is where
+    # the previous segment's bytes matter most.
+    eighths = zip((late_nats * bits).split(seg // 8), late_counts.split(seg // 8), strict=True)
+    by_position = [round(float(n.sum()) / max(1, int(c.sum())), 4) for n, c in eighths]
     return {
         "bits_per_byte": round(sum(nats) * bits / scored, 4),
         "bits_per_byte_17_plus": bpb(17, None)[0],
+        "bits_per_byte_17_plus_by_eighth_of_segment": by_position,
         "by_segment": buckets,
         "per_segment": {"nats": [round(v, 3) for v in nats], "bytes": counts},
         "documents": len(docs),
@@ -410,6 +439,8 @@ def run_job(text: str, kind: str, cfg: dict[str, Any], out: Path) -> None:
         held_out.append(doc[: cfg["held_out_bytes"] - size])
         size += len(held_out[-1])
     evaluated = evaluate(model, kind, cfg, held_out)
+    if kind == "memory":  # what its memory is worth to it: the same weights, memory reset
+        evaluated["memory_reset"] = evaluate(model, "no_memory", cfg, held_out)
     result = {
         "text": text,
         "model": kind,
@@ -467,7 +498,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"bytes), AdamW at 1e-3 * 64 / d_model = {1e-3 * 64 / s['d_model']:g} (10% warm-up, "
         "cosine to 10%), SpikeClip; the memory model: MRBP rollouts of "
         f"{s['segments']} segments, memory carried along each row and reset at document starts, "
-        f"memory_noise {s['memory_noise']}. Bits per byte (lower is better) on held-out "
+        f"memory_noise {s['memory_noise']}, memory_dropout {s.get('memory_dropout', 0.0)}, "
+        f"write_rotary {s.get('write_rotary', False)}. Bits per byte (lower is better) on held-out "
         "documents read from their start, overall and by the index of the segment within the "
         "document.",
         "",
@@ -504,6 +536,31 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         lines.append("| bytes scored | | | " + " | ".join(f"{c:,}" for c in counts) + " | | | | |")
         lines.append("")
+        eighths = [r for r in runs if "bits_per_byte_17_plus_by_eighth_of_segment" in r["eval"]]
+        if eighths:
+            lines += [
+                "Segments 17+ by where a byte sits in its segment (eighths of "
+                f"{s['segment']} bytes; the first eighth is where the previous segment matters "
+                "most):",
+                "",
+                "| model | " + " | ".join(f"{i}/8" for i in range(1, 9)) + " |",
+                "|" + "---|" * 9,
+            ]
+            for r in eighths:
+                values = r["eval"]["bits_per_byte_17_plus_by_eighth_of_segment"]
+                lines.append(f"| {LABELS[r['model']]} | " + " | ".join(f"{v:.3f}" for v in values))
+            lines.append("")
+        memory_run = results["runs"].get(f"{text}_memory", {})
+        reset = memory_run.get("eval", {}).get("memory_reset")
+        if reset:
+            carried = memory_run["eval"]["bits_per_byte_17_plus"]
+            lines += [
+                f"The Memformer's weights with its memory reset before every segment: "
+                f"{reset['bits_per_byte_17_plus']:.3f} at segments 17+ against {carried:.3f} "
+                f"with it carried (its memory is worth "
+                f"{100 * (1 - carried / reset['bits_per_byte_17_plus']):.1f}% to it).",
+                "",
+            ]
         verdict = results["verdict"][text]
         lines += [
             f"Segments 17+: memory {verdict['memory']:.3f}, no memory {verdict['no_memory']:.3f} "
@@ -573,7 +630,19 @@ def main() -> None:
     parser.add_argument(
         "--memory-noise",
         type=float,
-        help="the memory model's memory_noise in training (default 0.8)",
+        help="the memory model's memory_noise in training (default 0)",
+    )
+    parser.add_argument(
+        "--write-rotary",
+        action="store_true",
+        help="MemformerConfig.write_rotary: the writer attends to the segment by recency",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting (slots, segments, batch_size, ...; JSON values)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="only rebuild the report from the jobs' JSON"
@@ -585,6 +654,12 @@ def main() -> None:
         cfg["steps"] = args.steps
     if args.memory_noise is not None:
         cfg["memory_noise"] = args.memory_noise
+    cfg["write_rotary"] = args.write_rotary
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            parser.error(f"--set {item}: unknown setting {key!r}; known: {sorted(cfg)}")
+        cfg[key] = json.loads(value)
     default_out = "runs/real_text_smoke" if args.smoke else ROOT / "benchmarks/results/real_text"
     out = Path(os.path.relpath(Path(args.out) if args.out else default_out))
     out.mkdir(parents=True, exist_ok=True)
@@ -595,6 +670,10 @@ def main() -> None:
     common = ["--steps", str(cfg["steps"]), "--out", str(out)] + (["--smoke"] if args.smoke else [])
     if args.memory_noise is not None:
         common += ["--memory-noise", str(args.memory_noise)]
+    if args.write_rotary:
+        common.append("--write-rotary")
+    for item in args.set:
+        common += ["--set", item]
     jobs = {
         f"{t}_{k}": [sys.executable, __file__, "--job", t, k, *common]
         for k in models

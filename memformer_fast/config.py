@@ -55,6 +55,10 @@ class MemformerConfig:
       rollout, so training prefers memories whose slots settle into a state set by what they
       hold, and those carry recall far beyond the trained length (docs/memory_learning.md).
       Drawn like dropout's masks: MRBP's gradients stay exact. No noise in eval mode.
+    - ``write_rotary=False``: the writer's token keys carry no position. With True they are
+      rotated (rotary embedding) by their position relative to the segment's end, as if the slots
+      stood right after the last token: a slot can then attend by recency, e.g. hold the last
+      bytes for the next segment's first tokens (benchmarks/real_text.py). No parameters added.
     """
 
     vocab_size: int
@@ -80,6 +84,7 @@ class MemformerConfig:
     init_std: float | None = None
     embedding_init_std: float = 1.0
     memory_noise: float = 0.0
+    write_rotary: bool = False
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "n_heads", "d_ff", "n_memory_slots", "segment_length")
@@ -119,6 +124,11 @@ class MemformerConfig:
             raise ValueError(
                 f"MemformerConfig.memory_noise must be a finite number >= 0, got {noise!r}"
             )
+        for name in ("memory_gate", "tie_embeddings", "write_rotary"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"MemformerConfig.{name} must be a bool, got {getattr(self, name)!r}"
+                )
         if not self.write_temperature > 0:
             raise ValueError(
                 f"MemformerConfig.write_temperature must be > 0, got {self.write_temperature!r}"

@@ -36,6 +36,13 @@ def _swap_halves(x: Tensor) -> Tensor:
     return torch.cat([x[..., half : 2 * half], x[..., :half], x[..., 2 * half :]], -1)
 
 
+def rotary_frequencies(head_dim: int, base: float) -> Tensor:
+    """``inv_freq [head_dim // 2]`` (float32): ``base ** (-2i / rotary_dim)``, where
+    ``rotary_dim`` is ``head_dim`` rounded down to even."""
+    rotary_dim = head_dim - head_dim % 2
+    return base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+
+
 def rotary_tables(
     inv_freq: Tensor, head_dim: int, positions: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -264,9 +271,7 @@ class RotarySelfAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        head_dim = d_model // n_heads
-        rotary_dim = head_dim - head_dim % 2
-        inv_freq = rope_base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+        inv_freq = rotary_frequencies(d_model // n_heads, rope_base)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # (inv_freq, (its version, dtype), cos, sin): the tables of _rotary_tables.
         self._tables: tuple[Tensor, tuple[int, torch.dtype], Tensor, Tensor] | None = None
@@ -429,9 +434,11 @@ class MemoryWriter(nn.Module):
     docs/design.md).
 
     Each slot attends over itself (key from its normalised slot, value the raw slot) and the
-    segment's tokens; the result is gated against the old slot, the bias is added and every slot is
-    renormalised (BMN). ``forward(memory: [B, S, D], x: [B, L, D], token_mask: [B, L] bool or None)
-    -> [B, S, D]`` in the memory's dtype. A batch row whose segment is all padding keeps its memory.
+    segment's tokens (with ``rotary``, their keys rotated by the position relative to the
+    segment's last token + 1, where the slots stand: attention by recency); the result is gated
+    against the old slot, the bias is added and every slot is renormalised (BMN).
+    ``forward(memory: [B, S, D], x: [B, L, D], token_mask: [B, L] bool or None) -> [B, S, D]`` in
+    the memory's dtype. A batch row whose segment is all padding keeps its memory.
     """
 
     def __init__(
@@ -446,6 +453,8 @@ class MemoryWriter(nn.Module):
         bias_init_norm: float = 0.001,
         gate_bias_init: float = 0.0,
         noise: float = 0.0,
+        rotary: bool = False,
+        rope_base: float = 10000.0,
     ) -> None:
         super().__init__()
         # Checked here once: forward hands it to functional's unchecked write.
@@ -460,6 +469,9 @@ class MemoryWriter(nn.Module):
         self.gate = nn.Linear(2 * d_model, d_model) if gate else None
         self.bias = nn.Parameter(torch.empty(n_slots, d_model))
         self.bias_init_norm, self.gate_bias_init = bias_init_norm, gate_bias_init
+        self.inv_freq: Tensor | None
+        freq = rotary_frequencies(d_model // n_heads, rope_base) if rotary else None
+        self.register_buffer("inv_freq", freq, persistent=False)
         self.reset_memory_parameters()
 
     def reset_memory_parameters(self) -> None:
@@ -497,6 +509,8 @@ class MemoryWriter(nn.Module):
         k_self = _split_heads(self.k(m), self.n_heads)
         tokens = self.token_norm(x)
         k = _split_heads(self.k(tokens), self.n_heads)
+        if self.inv_freq is not None:
+            k = self._rotate_by_recency(k, token_mask)
         v = _split_heads(self.v(tokens), self.n_heads)
         dtype = q.dtype
         written = (
@@ -528,6 +542,23 @@ class MemoryWriter(nn.Module):
         if token_mask is not None:  # padding-only rows (ends of ragged batches) change nothing
             new = torch.where(token_mask.any(-1)[:, None, None], new, memory)
         return new
+
+    def _rotate_by_recency(self, k: Tensor, token_mask: Tensor | None) -> Tensor:
+        """Token keys ``k [B, L, H, Dh]`` rotated to positions ``i - end`` (``end``: one past the
+        row's last real token): the slots' queries and self-keys stay unrotated, at position 0,
+        so a score depends on how many tokens back a key is, wherever the padding is."""
+        assert self.inv_freq is not None
+        batch, length = k.shape[:2]
+        index = torch.arange(length, device=k.device, dtype=torch.float32)
+        if token_mask is None:
+            positions = (index - length).expand(batch, length)
+        else:
+            end = torch.where(token_mask, index + 1, 0).amax(-1, keepdim=True)
+            positions = index - end
+        freq = self.inv_freq.float()  # a model cast to bfloat16 keeps exact frequencies
+        cos, sin = rotary_tables(freq, k.shape[-1], positions.reshape(-1), k.dtype)
+        shape = (batch, length, 1, k.shape[-1])
+        return apply_rotary(k, cos.view(shape), sin.view(shape))
 
 
 class _PreNormBlock(nn.Module):

@@ -95,6 +95,8 @@ class Memformer(nn.Module):
             c.bias_init_norm,
             c.gate_bias_init,
             c.memory_noise,
+            c.write_rotary,
+            c.rope_base,
         )
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         init_weights(self, c.init_std, c.embedding_init_std)

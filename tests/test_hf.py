@@ -336,13 +336,13 @@ def test_padded_batches_are_refused_equal_lengths_batch() -> None:
 # ----------------------------------------------------------------------------- save and load
 
 
-@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("tie,rotary", [(True, False), (False, False), (False, True)])
 def test_save_pretrained_round_trip_is_exact_and_backend_independent(
-    tie: bool, tmp_path: Path
+    tie: bool, rotary: bool, tmp_path: Path
 ) -> None:
     from safetensors import safe_open
 
-    _model, hf = wrapped("decoder", tie_embeddings=tie)
+    _model, hf = wrapped("decoder", tie_embeddings=tie, write_rotary=rotary)
     hf.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -353,7 +353,7 @@ def test_save_pretrained_round_trip_is_exact_and_backend_independent(
     own, other = hf.state_dict(), loaded.state_dict()
     assert own.keys() == other.keys() and all(torch.equal(own[k], other[k]) for k in own)
     for (name, buffer), (_, fresh) in zip(hf.named_buffers(), loaded.named_buffers()):
-        assert torch.equal(buffer, fresh), name  # the rotary frequencies are rebuilt
+        assert torch.equal(buffer, fresh), name  # the rotary frequencies (writer's too) rebuilt
     x = ids(2, 2 * L + 1)
     assert torch.equal(loaded(x).logits, hf(x).logits)
     triton = MemformerForCausalLM.from_pretrained(tmp_path, backend="triton").eval()

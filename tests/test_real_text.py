@@ -70,3 +70,13 @@ def test_the_smoke_run_reports_every_model_on_both_texts(tmp_path: Path) -> None
         assert 0 <= run["train"]["clipped_share"] <= 1 and run["train"]["grad_norm_median"] > 0
         assert [b["segments"] for b in run["eval"]["by_segment"]][3] == "17-64"
     assert (tmp_path / "results.md").exists() and (tmp_path / "bpb_by_segment.png").exists()
+
+
+def test_memory_dropout_adds_resets_at_the_share_asked() -> None:
+    starts = torch.zeros(64, 100, dtype=torch.bool)
+    starts[:, ::10] = True
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(real_text.drop_memory(starts, 0.0, g), starts)
+    dropped = real_text.drop_memory(starts, 0.5, g)
+    assert dropped[starts].all()  # document starts stay resets
+    assert 0.45 < dropped[~starts].float().mean() < 0.55

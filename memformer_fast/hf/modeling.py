@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..layers import MemoryWriter, RotarySelfAttention, init_weights
+from ..layers import MemoryWriter, RotarySelfAttention, init_weights, rotary_frequencies
 from ..model import IGNORE_INDEX, Memformer
 from ..validation import check_ids, check_labels, check_mask
 from .cache import MemformerCache, advance
@@ -121,13 +121,13 @@ class MemformerPreTrainedModel(PreTrainedModel):
 
         c = self.config
         if isinstance(module, RotarySelfAttention):
-            # The frequencies depend on the head width and base alone: take them from a
-            # one-head layer of that width rather than repeating the formula.
+            # Non-persistent buffers: rebuilt here, as a model made on the meta device has none.
             head_dim = module.qkv.in_features // module.n_heads
-            with torch.device("cpu"):
-                fresh = RotarySelfAttention(head_dim, 1, c.rope_base).inv_freq
-            init.copy_(module.inv_freq, fresh)
+            init.copy_(module.inv_freq, rotary_frequencies(head_dim, c.rope_base))
         elif isinstance(module, MemoryWriter):
+            if module.inv_freq is not None:
+                head_dim = module.q.in_features // module.n_heads
+                init.copy_(module.inv_freq, rotary_frequencies(head_dim, c.rope_base))
             bias = module.bias
             if not getattr(bias, "_is_hf_initialized", False):
                 with torch.no_grad():
