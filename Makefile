@@ -46,9 +46,9 @@ bench: install
 	$(PYTHON) benchmarks/report.py benchmarks/results/cpu/cpu.json
 
 # What the memory buys on real text: the Memformer, the same model with its memory reset every
-# segment, a Transformer-XL cache and a decoder with twice the context, each trained 150 steps on
+# segment, a Transformer-XL cache and a decoder with twice the context, each trained 1,000 steps on
 # the standard library's sources and on pydoc's reference prose (8 trainings, 2 at a time, one
-# thread each: 38 minutes on 2 cores shared with other jobs), evaluated on held-out documents; writes
+# thread each: about an hour on 2 cores), evaluated on held-out documents; writes
 # benchmarks/results/real_text/results.{md,json} and a plot. `--smoke`: about a minute.
 real-text: install
 	$(PYTHON) benchmarks/real_text.py

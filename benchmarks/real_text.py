@@ -24,7 +24,9 @@ document starts on a segment boundary and on its first segment the state is rese
 
 - ``memory``: the Memformer, trained with MRBP on rollouts of ``segments`` segments, its memory
   carried from rollout to rollout along each row and reset only where a document starts;
-  ``memory_noise`` in training.
+  ``memory_dropout`` (a share of segments started from the initial memory at random) and
+  ``memory_noise`` in training. Also scored with its memory reset before every segment: what its
+  memory is worth to it.
 - ``no_memory``: the same model trained and evaluated with the memory reset before every segment.
 - ``xl``: the same blocks, each attending also to a detached cache of the previous segment's keys
   and values (Transformer-XL style, rotary positions continuing across the two); the memory
@@ -68,7 +70,7 @@ LABELS = {
 }
 # The full run: a 4-layer decoder of width 128, 16 slots, segments of 64 bytes, 1,000 steps of 32
 # rows x 4 segments (the same bytes per step as 8 x 16, from 4x as many places in the text: better
-# for every model, benchmarks/results/real_text/README.md); the memory model with memory_dropout.
+# for every model: benchmarks/results/real_text/explore300/); the memory model with memory_dropout.
 FULL: dict[str, Any] = dict(
     d_model=128,
     n_heads=4,
