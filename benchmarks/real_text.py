@@ -550,7 +550,8 @@ def markdown(results: dict[str, Any]) -> str:
             ]
             for r in eighths:
                 values = r["eval"]["bits_per_byte_17_plus_by_eighth_of_segment"]
-                lines.append(f"| {LABELS[r['model']]} | " + " | ".join(f"{v:.3f}" for v in values))
+                cells = " | ".join(f"{v:.3f}" for v in values)
+                lines.append(f"| {LABELS[r['model']]} | {cells} |")
             lines.append("")
         memory_run = results["runs"].get(f"{text}_memory", {})
         reset = memory_run.get("eval", {}).get("memory_reset")
