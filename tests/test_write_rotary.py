@@ -29,7 +29,7 @@ def test_positions_count_back_from_the_last_real_token_wherever_the_padding_is()
 
 def test_order_matters_only_with_rotary_positions():
     """Without positions the write is a function of the set of tokens; with them, reversing the
-    segment changes what is written, and a token that moves from first to last gains weight."""
+    segment changes what is written."""
     x = torch.randn(2, 6, 16).double()
     for rotary in (False, True):
         writer = _writer(rotary)
